@@ -1,0 +1,20 @@
+//! # vhost-dirtylog
+//!
+//! Dirty-page logging for vhost-user device backends, and the VMM-side merge, so that a guest
+//! whose devices run in separate vhost-user processes can be live-migrated without losing a page.
+//!
+//! A vhost-user backend writes guest memory from its own threads; KVM's dirty log never sees
+//! those writes. The vhost-user protocol gives the backend a shared-memory *log* (one bit per
+//! 4 KiB guest page) to mark what it wrote, and the VMM folds that log into its migration bitmap
+//! every pre-copy round. This crate implements both ends, built on the rust-vmm crates:
+//!
+//! - [`log`]: the backend side — the mapped log, the lock-free [`log::DirtyLog`] handle the
+//!   dataplane marks through, and [`log::GuestDirtyBitmap`], a `vm-memory` bitmap that makes every
+//!   vm-memory / virtio-queue write log itself.
+//!
+//! See `DESIGN.md`-level invariants in the README: no lost dirty page, data before mark, the VMM
+//! never drops a bit it did not consume, hostile input is an error, free when idle.
+
+#![deny(missing_docs)]
+
+pub mod log;

@@ -1,0 +1,260 @@
+//! The lock-free handle the dataplane marks through.
+
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+
+use arc_swap::ArcSwapOption;
+
+use super::{LogRegion, LOG_PAGE_SHIFT};
+
+/// What a log handed to [`DirtyLog`] is wrapped in while it is current.
+///
+/// Only the swap slot and in-flight marks ever hold an `Arc<Attached>`, so when its strong count
+/// drops to one after a swap, no mark can still be writing into the old region: that is the
+/// grace period [`DirtyLog::replace_region`] waits for. Callers who want the region itself get
+/// the inner `Arc<LogRegion>`, which does not hold the grace period up.
+struct Attached {
+    region: Arc<LogRegion>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// LOG_ALL: marks are dropped on the floor (one relaxed load) while false.
+    enabled: AtomicBool,
+    current: ArcSwapOption<Attached>,
+    /// Pages a mark asked for that lie past the end of the log.
+    out_of_range_pages: AtomicU64,
+    /// Marks that had at least one page past the end of the log.
+    out_of_range_marks: AtomicU64,
+    /// Marks made while logging was on but no log was attached.
+    marks_without_log: AtomicU64,
+    warned_range: AtomicBool,
+    warned_nolog: AtomicBool,
+}
+
+/// Counters of marks that could not be recorded. All zero in a healthy run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogStats {
+    /// Pages asked for past the end of the log (never written).
+    pub out_of_range_pages: u64,
+    /// Marks that reached past the end of the log.
+    pub out_of_range_marks: u64,
+    /// Marks made with logging on but no log attached.
+    pub marks_without_log: u64,
+}
+
+/// The handle a backend's dataplane marks written guest memory through.
+///
+/// Cheap to clone (one `Arc`), `Send + Sync`, lock-free. The frontend's log is attached with
+/// [`replace_region`](Self::replace_region) (on `SET_LOG_BASE`), logging is switched with
+/// [`set_logging`](Self::set_logging) (on `SET_FEATURES` with or without `VHOST_F_LOG_ALL`),
+/// and every guest write is followed by [`mark`](Self::mark).
+///
+/// ```
+/// use vhost_dirtylog::log::{DirtyLog, LogRegion};
+/// use std::sync::Arc;
+///
+/// let log = DirtyLog::new();
+/// log.replace_region(Some(Arc::new(LogRegion::anonymous(64).unwrap())));
+/// log.mark(0x1000, 8); // logging off: ignored
+/// log.set_logging(true);
+/// log.mark(0x2ff8, 16); // straddles pages 2 and 3
+/// let region = log.region().unwrap();
+/// assert!(!region.test_page(1) && region.test_page(2) && region.test_page(3));
+/// ```
+#[derive(Clone, Default)]
+pub struct DirtyLog {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLog")
+            .field("logging", &self.is_logging())
+            .field("region", &self.region())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl DirtyLog {
+    /// A handle with no log attached and logging off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that guest-physical bytes `[gpa, gpa + len)` were written.
+    ///
+    /// Call it after the data is in guest memory. With logging off this is one relaxed load
+    /// and a branch. With logging on it sets one bit per 4 KiB page, one Release `fetch_or`
+    /// per 64 pages, without locks, allocation or system calls. Pages past the end of the log
+    /// (and a range that overflows the address space) are counted in [`stats`](Self::stats),
+    /// warned about once, and never written.
+    #[inline]
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if !self.shared.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        self.mark_on(gpa, len);
+    }
+
+    #[inline]
+    fn mark_on(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let (last, overflow) = match gpa.checked_add(len - 1) {
+            Some(l) => (l, 0),
+            // The tail beyond u64::MAX is not an address at all: count it, mark the rest.
+            None => (u64::MAX, 1),
+        };
+        let first_page = gpa >> LOG_PAGE_SHIFT;
+        let last_page = last >> LOG_PAGE_SHIFT;
+        let guard = self.shared.current.load();
+        let dropped = match guard.as_ref() {
+            Some(att) => att.region.mark_pages(first_page, last_page) + overflow,
+            None => {
+                self.no_log();
+                return;
+            }
+        };
+        drop(guard);
+        if dropped != 0 {
+            self.out_of_range(gpa, len, dropped);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn out_of_range(&self, gpa: u64, len: u64, pages: u64) {
+        let s = &self.shared;
+        s.out_of_range_pages.fetch_add(pages, Ordering::Relaxed);
+        s.out_of_range_marks.fetch_add(1, Ordering::Relaxed);
+        if !s.warned_range.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "dirty log: mark of {len:#x} bytes at GPA {gpa:#x} reaches {pages} page(s) past the end of the log; \
+                 those pages are not logged (further occurrences are only counted)"
+            );
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn no_log(&self) {
+        let s = &self.shared;
+        s.marks_without_log.fetch_add(1, Ordering::Relaxed);
+        if !s.warned_nolog.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "dirty log: logging is on but no log is attached; marks are counted, not recorded"
+            );
+        }
+    }
+
+    /// Turns logging on or off (`VHOST_F_LOG_ALL`).
+    ///
+    /// Turning it on issues a process-wide memory barrier (`membarrier(2)`) before returning,
+    /// so a dataplane thread whose relaxed check raced with the switch has its earlier data
+    /// stores visible before the frontend hears the reply and starts copying; this keeps the
+    /// mark path free of fences while no write can slip between "VMM copied the page" and
+    /// "backend saw logging on".
+    pub fn set_logging(&self, on: bool) {
+        let was = self.shared.enabled.swap(on, Ordering::SeqCst);
+        if on && !was {
+            process_barrier();
+        }
+        if on != was {
+            log::info!("dirty log: logging {}", if on { "on" } else { "off" });
+        }
+    }
+
+    /// Whether logging is on.
+    pub fn is_logging(&self) -> bool {
+        self.shared.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Makes `region` the current log (or detaches with `None`) and returns the previous one.
+    ///
+    /// Returns only after every mark that could still be writing into the previous region has
+    /// finished (an RCU-style grace period over the `arc-swap` guards), so once the caller
+    /// replies to the frontend, the old log holds every mark it will ever get and the VMM can
+    /// drain it. Marks that start after the swap go to the new region.
+    pub fn replace_region(&self, region: Option<Arc<LogRegion>>) -> Option<Arc<LogRegion>> {
+        let new = region.map(|region| Arc::new(Attached { region }));
+        let old = self.shared.current.swap(new)?;
+        // `swap` has converted every outstanding guard on `old` into a real reference, so the
+        // strong count is exactly 1 (ours) + marks in flight.
+        let mut spins = 0u32;
+        while Arc::strong_count(&old) > 1 {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        // Pairs with the Release decrement of each finished mark's guard: their fetch_ors are
+        // visible to whoever we tell next (the frontend, through the reply).
+        fence(Ordering::Acquire);
+        Some(old.region.clone())
+    }
+
+    /// The current log, if any.
+    pub fn region(&self) -> Option<Arc<LogRegion>> {
+        self.shared
+            .current
+            .load()
+            .as_ref()
+            .map(|a| a.region.clone())
+    }
+
+    /// Counters of marks that could not be recorded.
+    pub fn stats(&self) -> LogStats {
+        let s = &self.shared;
+        LogStats {
+            out_of_range_pages: s.out_of_range_pages.load(Ordering::Relaxed),
+            out_of_range_marks: s.out_of_range_marks.load(Ordering::Relaxed),
+            marks_without_log: s.marks_without_log.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True if both handles are the same log.
+    pub fn ptr_eq(&self, other: &DirtyLog) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+/// A full memory barrier on every thread of this process (`membarrier(2)`), falling back to a
+/// local SeqCst fence where the kernel lacks it.
+pub(crate) fn process_barrier() {
+    static REGISTER: Once = Once::new();
+    static USABLE: AtomicBool = AtomicBool::new(false);
+    REGISTER.call_once(|| {
+        // SAFETY: membarrier takes plain integer arguments and touches no user memory.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                0,
+                0,
+            )
+        };
+        if rc == 0 {
+            USABLE.store(true, Ordering::Relaxed);
+        } else {
+            log::warn!(
+                "membarrier unavailable ({}); LOG_ALL enable falls back to a local fence",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
+    fence(Ordering::SeqCst);
+    if USABLE.load(Ordering::Relaxed) {
+        // SAFETY: as above; no memory arguments.
+        unsafe {
+            libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
+        }
+    }
+}
