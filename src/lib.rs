@@ -12,9 +12,12 @@
 //!   dataplane marks through, and [`log::GuestDirtyBitmap`], a `vm-memory` bitmap that makes every
 //!   vm-memory / virtio-queue write log itself.
 //!
+//! - [`backend`]: the adapter that gives any `vhost-user-backend` device dirty logging.
+//!
 //! See `DESIGN.md`-level invariants in the README: no lost dirty page, data before mark, the VMM
 //! never drops a bit it did not consume, hostile input is an error, free when idle.
 
 #![deny(missing_docs)]
 
 pub mod log;
+pub mod backend;
