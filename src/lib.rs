@@ -13,11 +13,15 @@
 //!   vm-memory / virtio-queue write log itself.
 //!
 //! - [`backend`]: the adapter that gives any `vhost-user-backend` device dirty logging.
+//! - [`vmm`]: the VMM side — the shared log it allocates, the migration bitmap, and the
+//!   `set_dirty_lebitmap`-style merge, sync, iteration and deferred clearing.
 //!
 //! See `DESIGN.md`-level invariants in the README: no lost dirty page, data before mark, the VMM
 //! never drops a bit it did not consume, hostile input is an error, free when idle.
 
 #![deny(missing_docs)]
 
-pub mod log;
 pub mod backend;
+pub mod log;
+/// VMM side: the shared log the VMM allocates, the migration bitmap, merge/sync/iterate.
+pub mod vmm;

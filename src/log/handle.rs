@@ -1,27 +1,22 @@
 //! The lock-free handle the dataplane marks through.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwapOption;
-
+use super::rcu;
 use super::{LogRegion, LOG_PAGE_SHIFT};
-
-/// What a log handed to [`DirtyLog`] is wrapped in while it is current.
-///
-/// Only the swap slot and in-flight marks ever hold an `Arc<Attached>`, so when its strong count
-/// drops to one after a swap, no mark can still be writing into the old region: that is the
-/// grace period [`DirtyLog::replace_region`] waits for. Callers who want the region itself get
-/// the inner `Arc<LogRegion>`, which does not hold the grace period up.
-struct Attached {
-    region: Arc<LogRegion>,
-}
 
 #[derive(Default)]
 struct Shared {
     /// LOG_ALL: marks are dropped on the floor (one relaxed load) while false.
     enabled: AtomicBool,
-    current: ArcSwapOption<Attached>,
+    /// The current log: a pointer obtained from `Arc::into_raw`, or null. Published with
+    /// SeqCst swaps under `writer`; read inside [`rcu::read`] sections only, and the `Arc` it
+    /// stands for is released only after [`rcu::synchronize`], so a reader's pointer is live.
+    current: AtomicPtr<LogRegion>,
+    /// Serialises replacements (never taken on the mark path).
+    writer: Mutex<()>,
     /// Pages a mark asked for that lie past the end of the log.
     out_of_range_pages: AtomicU64,
     /// Marks that had at least one page past the end of the log.
@@ -62,9 +57,18 @@ pub struct LogStats {
 /// let region = log.region().unwrap();
 /// assert!(!region.test_page(1) && region.test_page(2) && region.test_page(3));
 /// ```
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct DirtyLog {
     shared: Arc<Shared>,
+}
+
+impl Default for DirtyLog {
+    fn default() -> Self {
+        rcu::init();
+        DirtyLog {
+            shared: Arc::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for DirtyLog {
@@ -110,15 +114,16 @@ impl DirtyLog {
         };
         let first_page = gpa >> LOG_PAGE_SHIFT;
         let last_page = last >> LOG_PAGE_SHIFT;
-        let guard = self.shared.current.load();
-        let dropped = match guard.as_ref() {
-            Some(att) => att.region.mark_pages(first_page, last_page) + overflow,
-            None => {
-                self.no_log();
-                return;
-            }
+        let dropped = rcu::read(|| {
+            let p = self.shared.current.load(Ordering::Acquire);
+            // SAFETY: a non-null `current` came from `Arc::into_raw` and its reference is
+            // dropped only after `rcu::synchronize`, which waits for this read section.
+            unsafe { p.as_ref() }.map(|r| r.mark_pages(first_page, last_page) + overflow)
+        });
+        let Some(dropped) = dropped else {
+            self.no_log();
+            return;
         };
-        drop(guard);
         if dropped != 0 {
             self.out_of_range(gpa, len, dropped);
         }
@@ -160,7 +165,7 @@ impl DirtyLog {
     pub fn set_logging(&self, on: bool) {
         let was = self.shared.enabled.swap(on, Ordering::SeqCst);
         if on && !was {
-            process_barrier();
+            rcu::process_barrier();
         }
         if on != was {
             log::info!("dirty log: logging {}", if on { "on" } else { "off" });
@@ -175,36 +180,38 @@ impl DirtyLog {
     /// Makes `region` the current log (or detaches with `None`) and returns the previous one.
     ///
     /// Returns only after every mark that could still be writing into the previous region has
-    /// finished (an RCU-style grace period over the `arc-swap` guards), so once the caller
+    /// finished (a read-copy-update grace period, see the `rcu` module), so once the caller
     /// replies to the frontend, the old log holds every mark it will ever get and the VMM can
     /// drain it. Marks that start after the swap go to the new region.
     pub fn replace_region(&self, region: Option<Arc<LogRegion>>) -> Option<Arc<LogRegion>> {
-        let new = region.map(|region| Arc::new(Attached { region }));
-        let old = self.shared.current.swap(new)?;
-        // `swap` has converted every outstanding guard on `old` into a real reference, so the
-        // strong count is exactly 1 (ours) + marks in flight.
-        let mut spins = 0u32;
-        while Arc::strong_count(&old) > 1 {
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+        let _w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let new = region.map_or(ptr::null_mut(), |r| Arc::into_raw(r) as *mut LogRegion);
+        let old = self.shared.current.swap(new, Ordering::SeqCst);
+        if old.is_null() {
+            return None;
         }
-        // Pairs with the Release decrement of each finished mark's guard: their fetch_ors are
-        // visible to whoever we tell next (the frontend, through the reply).
-        fence(Ordering::Acquire);
-        Some(old.region.clone())
+        // Grace period: every mark that could have loaded `old` has finished, and its
+        // fetch_ors are visible to whoever we tell next (the frontend, through the reply).
+        rcu::synchronize();
+        // SAFETY: `old` came from `Arc::into_raw` in an earlier call and, now unpublished and
+        // past the grace period, no reader holds it: we take its reference back exactly once.
+        Some(unsafe { Arc::from_raw(old) })
     }
 
     /// The current log, if any.
     pub fn region(&self) -> Option<Arc<LogRegion>> {
-        self.shared
-            .current
-            .load()
-            .as_ref()
-            .map(|a| a.region.clone())
+        rcu::read(|| {
+            let p = self.shared.current.load(Ordering::Acquire);
+            if p.is_null() {
+                return None;
+            }
+            // SAFETY: as in `mark_on`: `p` is live for this read section, so bumping its
+            // strong count and building a new `Arc` from it is sound.
+            unsafe {
+                Arc::increment_strong_count(p);
+                Some(Arc::from_raw(p))
+            }
+        })
     }
 
     /// Counters of marks that could not be recorded.
@@ -223,38 +230,12 @@ impl DirtyLog {
     }
 }
 
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
-
-/// A full memory barrier on every thread of this process (`membarrier(2)`), falling back to a
-/// local SeqCst fence where the kernel lacks it.
-pub(crate) fn process_barrier() {
-    static REGISTER: Once = Once::new();
-    static USABLE: AtomicBool = AtomicBool::new(false);
-    REGISTER.call_once(|| {
-        // SAFETY: membarrier takes plain integer arguments and touches no user memory.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_membarrier,
-                MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
-                0,
-                0,
-            )
-        };
-        if rc == 0 {
-            USABLE.store(true, Ordering::Relaxed);
-        } else {
-            log::warn!(
-                "membarrier unavailable ({}); LOG_ALL enable falls back to a local fence",
-                std::io::Error::last_os_error()
-            );
-        }
-    });
-    fence(Ordering::SeqCst);
-    if USABLE.load(Ordering::Relaxed) {
-        // SAFETY: as above; no memory arguments.
-        unsafe {
-            libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let p = *self.current.get_mut();
+        if !p.is_null() {
+            // SAFETY: `p` came from `Arc::into_raw`; with `&mut self` no reader can exist.
+            drop(unsafe { Arc::from_raw(p) });
         }
     }
 }

@@ -11,8 +11,9 @@
 //! The pieces, bottom up:
 //! - [`LogRegion`]: the mapped log, validated once so every later access is in bounds.
 //! - [`DirtyLog`]: the cheap-to-clone handle the dataplane marks through. The current region is
-//!   behind an [`arc_swap::ArcSwapOption`] (no lock on the mark path); with logging off a mark
-//!   is one relaxed load and a branch; a mark is one `fetch_or` per 64 pages with Release
+//!   an atomically swapped pointer protected by a small read-copy-update scheme (`rcu`: a
+//!   reader costs two plain stores to its own cache line, no lock, no RMW); with logging off a
+//!   mark is one relaxed load and a branch; a mark is one `fetch_or` per 64 pages with Release
 //!   ordering, so the data the device wrote happens-before the bit the VMM reads.
 //! - [`GuestDirtyBitmap`]: a `vm-memory` [`Bitmap`](vm_memory::bitmap::Bitmap) for guest
 //!   memory regions. vm-memory and virtio-queue call it on every write they make (data and used
@@ -25,6 +26,7 @@
 
 mod bitmap;
 mod handle;
+mod rcu;
 mod region;
 
 pub use bitmap::{GuestDirtyBitmap, StockLogAttach};

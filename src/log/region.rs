@@ -256,6 +256,20 @@ impl LogRegion {
     /// returned so the caller can account for them.
     #[inline]
     pub fn mark_pages(&self, first: u64, last: u64) -> u64 {
+        // Fast path: the range lies in one whole word (every write of up to 4 KiB that does not
+        // straddle a 256 KiB boundary).
+        let w = first / 64;
+        if w == last / 64 && w < (self.len / 8) as u64 && first <= last {
+            // SAFETY: `w < len / 8`, so the word lies inside the validated, 8-byte aligned
+            // mapping; it is only accessed atomically.
+            let word = unsafe { &*(self.base.as_ptr() as *const AtomicU64).add(w as usize) };
+            word.fetch_or(word_mask(first % 64, last % 64), Ordering::Release);
+            return 0;
+        }
+        self.mark_pages_slow(first, last)
+    }
+
+    fn mark_pages_slow(&self, first: u64, last: u64) -> u64 {
         if first > last {
             return 0;
         }
