@@ -185,7 +185,9 @@ fn bench_copy(c: &mut Criterion) {
         };
         g.throughput(Throughput::Bytes(len as u64));
         g.bench_function(BenchmarkId::new("copy", name), |b| b.iter(|| copy(false)));
-        g.bench_function(BenchmarkId::new("copy+mark", name), |b| b.iter(|| copy(true)));
+        g.bench_function(BenchmarkId::new("copy+mark", name), |b| {
+            b.iter(|| copy(true))
+        });
         let (plain, marked) = compare(|| copy(false), || copy(true));
         lines.push(format!(
             "copy {name:>9}: copy {plain:>9.1} ns, copy+mark {marked:>9.1} ns, logging overhead {:>+6.2}%",

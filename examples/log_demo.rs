@@ -12,7 +12,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     const MIB: u64 = 1 << 20;
     // Guest memory: 16 MiB at 0 and 16 MiB at 4 GiB (a hole in between, as on a real PC).
-    let layout = [(GuestAddress(0), 16 * MIB as usize), (GuestAddress(4 << 30), 16 * MIB as usize)];
+    let layout = [
+        (GuestAddress(0), 16 * MIB as usize),
+        (GuestAddress(4 << 30), 16 * MIB as usize),
+    ];
     let mem: GuestMemoryMmap<GuestDirtyBitmap> = GuestMemoryMmap::from_ranges(&layout)?;
     let gpa_end = (4 << 30) + 16 * MIB;
 

@@ -13,6 +13,10 @@
 //!   vm-memory / virtio-queue write log itself.
 //!
 //! - [`backend`]: the adapter that gives any `vhost-user-backend` device dirty logging.
+//! - [`blk`]: the vhost-user-blk device and daemon loop used as the real backend
+//!   (`vhost-dirtylog-blk`).
+//! - [`driver`]: a frontend-side toolkit — in-process VMM, memfd guest RAM, split virtqueue and
+//!   virtio-blk driver — used by the tests, the checker and the benches.
 //! - [`vmm`]: the VMM side — the shared log it allocates, the migration bitmap, and the
 //!   `set_dirty_lebitmap`-style merge, sync, iteration and deferred clearing.
 //!
@@ -22,6 +26,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod blk;
+pub mod driver;
 pub mod log;
-/// VMM side: the shared log the VMM allocates, the migration bitmap, merge/sync/iterate.
 pub mod vmm;

@@ -42,8 +42,7 @@ impl SlotRef {
     fn acquire() -> SlotRef {
         let mut slots = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
         for s in slots.iter() {
-            if s
-                .in_use
+            if s.in_use
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {

@@ -1,0 +1,273 @@
+//! The accept loop of the `vhost-dirtylog-blk` program: one frontend at a time, forever.
+//!
+//! vhost-user-backend's `VhostUserDaemon` serves exactly one connection and its worker threads
+//! belong to that connection, so [`BlkServer`] builds a fresh device, dirty-log adapter, guest
+//! memory and daemon for every frontend, runs it to the disconnect, flushes the disk, tears the
+//! threads down (dropping the daemon joins them) and accepts the next one. The disk stays open
+//! across connections, so a frontend that reconnects (QEMU after a restart, or the migration
+//! destination) sees the same data.
+//!
+//! ## The negative-control switch (`test-drop-marks`)
+//! Built with the cargo feature `test-drop-marks` *and* run with
+//! `VHOST_DIRTYLOG_TEST_DROP_MARKS=1`, the daemon strips `VHOST_F_LOG_ALL` from the features the
+//! frontend acks before the adapter sees them: it still advertises logging (so QEMU allows the
+//! migration) but never turns it on, so nothing is ever marked. The end-to-end migration test
+//! uses it to prove it detects lost pages. Without the feature the variable is ignored and the
+//! code does not exist.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::disk::{Disk, DiskError};
+use super::{BlkConfig, BlkDevice, ConfigError};
+
+/// Everything the daemon needs to know.
+#[derive(Debug, Clone)]
+pub struct BlkOptions {
+    /// Disk image file or block device.
+    pub image: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Use `O_DIRECT` for data transfers.
+    pub direct: bool,
+    /// Device settings.
+    pub config: BlkConfig,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The disk could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// Invalid settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// vhost-user-backend failed outside a connection (creating threads, accepting).
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+/// Serves one disk to successive frontends.
+#[derive(Debug)]
+pub struct BlkServer {
+    disk: Arc<Disk>,
+    config: BlkConfig,
+    drop_marks: bool,
+}
+
+impl BlkServer {
+    /// Opens the disk and checks the settings.
+    pub fn new(opts: &BlkOptions) -> Result<Self, ServeError> {
+        opts.config.validate()?;
+        let disk = Disk::open(&opts.image, opts.read_only, opts.direct)?;
+        log::info!(
+            "serving {} ({} sectors, {}{}), {} queue(s) of up to {} entries",
+            opts.image.display(),
+            disk.capacity(),
+            if opts.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            if opts.direct { ", O_DIRECT" } else { "" },
+            opts.config.num_queues,
+            opts.config.queue_size
+        );
+        Ok(BlkServer {
+            disk: Arc::new(disk),
+            config: opts.config.clone(),
+            drop_marks: drop_marks_requested(),
+        })
+    }
+
+    /// The disk being served.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Accepts one frontend on `listener` and serves it until it disconnects.
+    ///
+    /// A protocol error ends the connection (logged), not the server: `Ok` is returned either
+    /// way; `Err` means the server itself cannot go on (threads, the listener).
+    pub fn serve_one(&self, listener: &mut Listener) -> Result<(), ServeError> {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkDevice::into_backend(self.disk.clone(), self.config.clone(), mem.clone())?;
+        let backend = wrap_drop_marks(backend, self.drop_marks);
+        let mut daemon = VhostUserDaemon::new("vhost-dirtylog-blk".to_string(), backend, mem)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        daemon
+            .start(listener)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        log::info!("frontend connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            Err(e) => log::warn!("connection ended: {e}"),
+        }
+        // Dropping the daemon signals the worker threads and joins them.
+        drop(daemon);
+        if let Err(e) = self.disk.flush() {
+            log::warn!("flush after disconnect failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// Serves frontends one after the other, forever (until an unrecoverable error).
+    pub fn serve(&self, mut listener: Listener) -> Result<(), ServeError> {
+        loop {
+            self.serve_one(&mut listener)?;
+        }
+    }
+}
+
+#[cfg(not(feature = "test-drop-marks"))]
+fn drop_marks_requested() -> bool {
+    false
+}
+
+#[cfg(not(feature = "test-drop-marks"))]
+fn wrap_drop_marks(
+    b: crate::backend::DirtyLogBackend<BlkDevice>,
+    _drop: bool,
+) -> crate::backend::DirtyLogBackend<BlkDevice> {
+    b
+}
+
+#[cfg(feature = "test-drop-marks")]
+fn drop_marks_requested() -> bool {
+    let on = std::env::var_os("VHOST_DIRTYLOG_TEST_DROP_MARKS").is_some_and(|v| v == "1");
+    if on {
+        log::warn!(
+            "TEST MODE: VHOST_DIRTYLOG_TEST_DROP_MARKS=1: dirty logging is advertised but never \
+             turned on; migrations WILL lose pages"
+        );
+    }
+    on
+}
+
+#[cfg(feature = "test-drop-marks")]
+fn wrap_drop_marks(
+    b: crate::backend::DirtyLogBackend<BlkDevice>,
+    drop: bool,
+) -> drop_marks::DropMarks<crate::backend::DirtyLogBackend<BlkDevice>> {
+    drop_marks::DropMarks { inner: b, drop }
+}
+
+#[cfg(feature = "test-drop-marks")]
+mod drop_marks {
+    //! A pass-through backend that hides `VHOST_F_LOG_ALL` from the adapter (test builds only).
+
+    use std::fs::File;
+    use std::io::Result;
+
+    use vhost::vhost_user::message::{
+        VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+        VhostUserShMemConfig, VhostUserSharedMsg,
+    };
+    use vhost::vhost_user::{Backend, GpuBackend};
+    use vhost_user_backend::VhostUserBackend;
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+    use crate::backend::{DirtyGuestMemory, VHOST_F_LOG_ALL};
+    use crate::log::GuestDirtyBitmap;
+
+    #[derive(Clone)]
+    pub struct DropMarks<T> {
+        pub inner: T,
+        pub drop: bool,
+    }
+
+    impl<T> VhostUserBackend for DropMarks<T>
+    where
+        T: VhostUserBackend<Bitmap = GuestDirtyBitmap>,
+    {
+        type Bitmap = GuestDirtyBitmap;
+        type Vring = T::Vring;
+
+        fn num_queues(&self) -> usize {
+            self.inner.num_queues()
+        }
+        fn max_queue_size(&self) -> usize {
+            self.inner.max_queue_size()
+        }
+        fn features(&self) -> u64 {
+            self.inner.features()
+        }
+        fn acked_features(&self, features: u64) {
+            let f = if self.drop {
+                features & !VHOST_F_LOG_ALL
+            } else {
+                features
+            };
+            self.inner.acked_features(f)
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            self.inner.protocol_features()
+        }
+        fn reset_device(&self) {
+            self.inner.reset_device()
+        }
+        fn set_event_idx(&self, enabled: bool) {
+            self.inner.set_event_idx(enabled)
+        }
+        fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+            self.inner.get_config(offset, size)
+        }
+        fn set_config(&self, offset: u32, buf: &[u8]) -> Result<()> {
+            self.inner.set_config(offset, buf)
+        }
+        fn update_memory(&self, mem: DirtyGuestMemory) -> Result<()> {
+            self.inner.update_memory(mem)
+        }
+        fn set_backend_req_fd(&self, backend: Backend) {
+            self.inner.set_backend_req_fd(backend)
+        }
+        fn get_shared_object(&self, uuid: VhostUserSharedMsg) -> Result<File> {
+            self.inner.get_shared_object(uuid)
+        }
+        fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> Result<()> {
+            self.inner.set_gpu_socket(gpu_backend)
+        }
+        fn queues_per_thread(&self) -> Vec<u64> {
+            self.inner.queues_per_thread()
+        }
+        fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+            self.inner.exit_event(thread_index)
+        }
+        fn stop_vring(&self, queue_index: u32) -> Result<()> {
+            self.inner.stop_vring(queue_index)
+        }
+        fn handle_event(
+            &self,
+            device_event: u16,
+            evset: EventSet,
+            vrings: &[Self::Vring],
+            thread_id: usize,
+        ) -> Result<()> {
+            self.inner
+                .handle_event(device_event, evset, vrings, thread_id)
+        }
+        fn set_device_state_fd(
+            &self,
+            direction: VhostTransferStateDirection,
+            phase: VhostTransferStatePhase,
+            file: File,
+        ) -> Result<Option<File>> {
+            self.inner.set_device_state_fd(direction, phase, file)
+        }
+        fn check_device_state(&self) -> Result<()> {
+            self.inner.check_device_state()
+        }
+        fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
+            self.inner.get_shmem_config()
+        }
+    }
+}
