@@ -9,9 +9,10 @@
 //!
 //! ## The negative-control switch (`test-drop-marks`)
 //! Built with the cargo feature `test-drop-marks` *and* run with
-//! `VHOST_DIRTYLOG_TEST_DROP_MARKS=1`, the daemon strips `VHOST_F_LOG_ALL` from the features the
-//! frontend acks before the adapter sees them: it still advertises logging (so QEMU allows the
-//! migration) but never turns it on, so nothing is ever marked. The end-to-end migration test
+//! `VHOST_DIRTYLOG_TEST_DROP_MARKS=1`, the daemon suppresses its log handle
+//! ([`DirtyLog::suppress_logging_for_tests`](crate::log::DirtyLog)): it still advertises and
+//! acknowledges LOG_ALL (so QEMU allows the migration) but never turns logging on, so nothing is
+//! ever marked. The end-to-end migration test
 //! uses it to prove it detects lost pages. Without the feature the variable is ignored and the
 //! code does not exist.
 
@@ -57,6 +58,7 @@ pub enum ServeError {
 pub struct BlkServer {
     disk: Arc<Disk>,
     config: BlkConfig,
+    #[cfg_attr(not(feature = "test-drop-marks"), allow(dead_code))]
     drop_marks: bool,
 }
 
@@ -97,7 +99,10 @@ impl BlkServer {
     pub fn serve_one(&self, listener: &mut Listener) -> Result<(), ServeError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = BlkDevice::into_backend(self.disk.clone(), self.config.clone(), mem.clone())?;
-        let backend = wrap_drop_marks(backend, self.drop_marks);
+        #[cfg(feature = "test-drop-marks")]
+        if self.drop_marks {
+            backend.log().suppress_logging_for_tests();
+        }
         let mut daemon = VhostUserDaemon::new("vhost-dirtylog-blk".to_string(), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         daemon
@@ -132,14 +137,6 @@ fn drop_marks_requested() -> bool {
     false
 }
 
-#[cfg(not(feature = "test-drop-marks"))]
-fn wrap_drop_marks(
-    b: crate::backend::DirtyLogBackend<BlkDevice>,
-    _drop: bool,
-) -> crate::backend::DirtyLogBackend<BlkDevice> {
-    b
-}
-
 #[cfg(feature = "test-drop-marks")]
 fn drop_marks_requested() -> bool {
     let on = std::env::var_os("VHOST_DIRTYLOG_TEST_DROP_MARKS").is_some_and(|v| v == "1");
@@ -150,124 +147,4 @@ fn drop_marks_requested() -> bool {
         );
     }
     on
-}
-
-#[cfg(feature = "test-drop-marks")]
-fn wrap_drop_marks(
-    b: crate::backend::DirtyLogBackend<BlkDevice>,
-    drop: bool,
-) -> drop_marks::DropMarks<crate::backend::DirtyLogBackend<BlkDevice>> {
-    drop_marks::DropMarks { inner: b, drop }
-}
-
-#[cfg(feature = "test-drop-marks")]
-mod drop_marks {
-    //! A pass-through backend that hides `VHOST_F_LOG_ALL` from the adapter (test builds only).
-
-    use std::fs::File;
-    use std::io::Result;
-
-    use vhost::vhost_user::message::{
-        VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-        VhostUserShMemConfig, VhostUserSharedMsg,
-    };
-    use vhost::vhost_user::{Backend, GpuBackend};
-    use vhost_user_backend::VhostUserBackend;
-    use vmm_sys_util::epoll::EventSet;
-    use vmm_sys_util::event::{EventConsumer, EventNotifier};
-
-    use crate::backend::{DirtyGuestMemory, VHOST_F_LOG_ALL};
-    use crate::log::GuestDirtyBitmap;
-
-    #[derive(Clone)]
-    pub struct DropMarks<T> {
-        pub inner: T,
-        pub drop: bool,
-    }
-
-    impl<T> VhostUserBackend for DropMarks<T>
-    where
-        T: VhostUserBackend<Bitmap = GuestDirtyBitmap>,
-    {
-        type Bitmap = GuestDirtyBitmap;
-        type Vring = T::Vring;
-
-        fn num_queues(&self) -> usize {
-            self.inner.num_queues()
-        }
-        fn max_queue_size(&self) -> usize {
-            self.inner.max_queue_size()
-        }
-        fn features(&self) -> u64 {
-            self.inner.features()
-        }
-        fn acked_features(&self, features: u64) {
-            let f = if self.drop {
-                features & !VHOST_F_LOG_ALL
-            } else {
-                features
-            };
-            self.inner.acked_features(f)
-        }
-        fn protocol_features(&self) -> VhostUserProtocolFeatures {
-            self.inner.protocol_features()
-        }
-        fn reset_device(&self) {
-            self.inner.reset_device()
-        }
-        fn set_event_idx(&self, enabled: bool) {
-            self.inner.set_event_idx(enabled)
-        }
-        fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-            self.inner.get_config(offset, size)
-        }
-        fn set_config(&self, offset: u32, buf: &[u8]) -> Result<()> {
-            self.inner.set_config(offset, buf)
-        }
-        fn update_memory(&self, mem: DirtyGuestMemory) -> Result<()> {
-            self.inner.update_memory(mem)
-        }
-        fn set_backend_req_fd(&self, backend: Backend) {
-            self.inner.set_backend_req_fd(backend)
-        }
-        fn get_shared_object(&self, uuid: VhostUserSharedMsg) -> Result<File> {
-            self.inner.get_shared_object(uuid)
-        }
-        fn set_gpu_socket(&self, gpu_backend: GpuBackend) -> Result<()> {
-            self.inner.set_gpu_socket(gpu_backend)
-        }
-        fn queues_per_thread(&self) -> Vec<u64> {
-            self.inner.queues_per_thread()
-        }
-        fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-            self.inner.exit_event(thread_index)
-        }
-        fn stop_vring(&self, queue_index: u32) -> Result<()> {
-            self.inner.stop_vring(queue_index)
-        }
-        fn handle_event(
-            &self,
-            device_event: u16,
-            evset: EventSet,
-            vrings: &[Self::Vring],
-            thread_id: usize,
-        ) -> Result<()> {
-            self.inner
-                .handle_event(device_event, evset, vrings, thread_id)
-        }
-        fn set_device_state_fd(
-            &self,
-            direction: VhostTransferStateDirection,
-            phase: VhostTransferStatePhase,
-            file: File,
-        ) -> Result<Option<File>> {
-            self.inner.set_device_state_fd(direction, phase, file)
-        }
-        fn check_device_state(&self) -> Result<()> {
-            self.inner.check_device_state()
-        }
-        fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
-            self.inner.get_shmem_config()
-        }
-    }
 }

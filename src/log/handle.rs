@@ -17,6 +17,9 @@ struct Shared {
     current: AtomicPtr<LogRegion>,
     /// Serialises replacements (never taken on the mark path).
     writer: Mutex<()>,
+    /// Negative-control builds only: LOG_ALL is acknowledged but logging never turns on.
+    #[cfg(feature = "test-drop-marks")]
+    suppressed: AtomicBool,
     /// Pages a mark asked for that lie past the end of the log.
     out_of_range_pages: AtomicU64,
     /// Marks that had at least one page past the end of the log.
@@ -163,6 +166,8 @@ impl DirtyLog {
     /// mark path free of fences while no write can slip between "VMM copied the page" and
     /// "backend saw logging on".
     pub fn set_logging(&self, on: bool) {
+        #[cfg(feature = "test-drop-marks")]
+        let on = on && !self.shared.suppressed.load(Ordering::Relaxed);
         let was = self.shared.enabled.swap(on, Ordering::SeqCst);
         if on && !was {
             rcu::process_barrier();
@@ -170,6 +175,15 @@ impl DirtyLog {
         if on != was {
             log::info!("dirty log: logging {}", if on { "on" } else { "off" });
         }
+    }
+
+    /// Negative control (cargo feature `test-drop-marks`, never in release builds): from now on
+    /// `set_logging(true)` is ignored, so the backend advertises and acknowledges LOG_ALL but
+    /// marks nothing. End-to-end tests use it to prove they detect lost pages.
+    #[cfg(feature = "test-drop-marks")]
+    pub fn suppress_logging_for_tests(&self) {
+        self.shared.suppressed.store(true, Ordering::Relaxed);
+        self.set_logging(false);
     }
 
     /// Whether logging is on.
