@@ -30,3 +30,8 @@ pub mod blk;
 pub mod driver;
 pub mod log;
 pub mod vmm;
+
+/// The README's Rust examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
