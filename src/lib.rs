@@ -27,6 +27,7 @@
 
 pub mod backend;
 pub mod blk;
+pub mod check;
 pub mod driver;
 pub mod log;
 pub mod vmm;

@@ -42,7 +42,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -276,7 +276,7 @@ impl BlkDevice {
     fn process_queue(
         &self,
         state: &mut VringState<DirtyGuestMemory>,
-        mem: &Mem,
+        atomic: &DirtyGuestMemory,
         stats: &mut QueueStats,
         qidx: usize,
     ) {
@@ -288,7 +288,23 @@ impl BlkDevice {
             writeback: self.inner.writeback.load(Ordering::Relaxed),
         };
         let mut used_any = false;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+        let mut guard = atomic.memory();
+        loop {
+            let mem: &Mem = &guard;
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
+            // The frontend may hot-add memory (ADD_MEM_REG / SET_MEM_TABLE) and use it in the
+            // very next request. vhost-user-backend publishes the new memory before it acks,
+            // and the chain was published after the ack, so memory loaded *after* the pop is
+            // at least as new as the chain: if it changed, un-pop and read the chain again.
+            let now = atomic.memory();
+            if !std::ptr::eq::<Mem>(&*now, mem) {
+                // `chain` (it only borrows the old memory) is left unprocessed.
+                state.get_queue_mut().go_to_previous_position();
+                guard = now;
+                continue;
+            }
             let head = chain.head_index();
             let used_len = self.process_chain(chain, mem, &limits, &ctx, stats, qidx);
             if let Err(e) = state.add_used(head, used_len) {
@@ -523,8 +539,7 @@ impl VhostUserBackend for BlkDevice {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let guard = atomic.memory();
-        let mem: &Mem = &guard;
+        let mem = &atomic;
         if self.inner.event_idx.load(Ordering::Relaxed) {
             // Process until the driver added nothing new between our last pop and re-enabling
             // notifications (the standard EVENT_IDX loop), so no kick is lost.

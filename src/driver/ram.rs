@@ -6,12 +6,22 @@
 //! processes then see the same pages. Layouts may have holes (regions need not be contiguous)
 //! and regions can be added and removed at run time, like memory hotplug. All accessors take
 //! `&self`, so one [`GuestRam`] can be shared (`Arc`) by a connection and many queue threads.
+//!
+//! ## The guest's own writes: an emulated hypervisor dirty log
+//! In a real VM the guest CPU's writes (descriptors, ring indices, request headers, data it
+//! wants written to disk) are tracked by the hypervisor (KVM's dirty log), and only the
+//! backend's writes go through the vhost-user log. A migration simulation built on this RAM
+//! needs the same split, or every page the in-process driver writes would look like a page the
+//! backend forgot to mark. [`GuestRam::track_writes`] attaches a log that every write accessor
+//! marks after storing the data, exactly as the backend marks its own log.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwapOption;
 
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{
@@ -20,7 +30,7 @@ use vm_memory::{
 };
 
 use super::DriverError;
-use crate::log::LOG_PAGE_SIZE;
+use crate::log::{LogRegion, LOG_PAGE_SHIFT, LOG_PAGE_SIZE};
 
 /// A guest-memory region to create: `size` bytes at guest-physical `gpa`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +72,8 @@ pub fn memfd(name: &str, size: u64) -> Result<File, DriverError> {
 #[derive(Debug)]
 pub struct GuestRam {
     mem: RwLock<Arc<GuestMemoryMmap>>,
+    /// The emulated hypervisor dirty log of the guest's own writes, if attached.
+    tracker: ArcSwapOption<LogRegion>,
 }
 
 /// A region taken out of [`GuestRam`]; keeps the mapping (and its fd) alive until dropped, so
@@ -129,7 +141,37 @@ impl GuestRam {
             .map_err(|e| DriverError::Layout(format!("{e}")))?;
         Ok(GuestRam {
             mem: RwLock::new(Arc::new(mem)),
+            tracker: ArcSwapOption::empty(),
         })
+    }
+
+    /// Emulates the hypervisor's dirty log for the in-process guest: from now on every write
+    /// through this RAM's accessors ([`write`](Self::write), [`fill`](Self::fill),
+    /// [`write_obj`](Self::write_obj), [`store`](Self::store) — everything [`SplitQueue`] and
+    /// [`BlkQueue`] write: descriptors, ring indices, headers, pre-set status bytes) sets the
+    /// bits of the pages it touched in `log`, indexed by guest-physical address, with a Release
+    /// `fetch_or` after the data is stored (the backend's own ordering, DESIGN.md invariant 2).
+    /// Pages past the end of `log` are not recorded. `None` detaches.
+    ///
+    /// The backend's writes go to the backend's mapping and are *not* seen here, so a
+    /// migration simulation that merges this log and the backend's vhost-user log every round
+    /// can blame any page it failed to copy on the backend alone.
+    ///
+    /// [`SplitQueue`]: super::SplitQueue
+    /// [`BlkQueue`]: super::BlkQueue
+    pub fn track_writes(&self, log: Option<Arc<LogRegion>>) {
+        self.tracker.store(log);
+    }
+
+    #[inline]
+    fn tracked(&self, gpa: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        if let Some(t) = &*self.tracker.load() {
+            let last = gpa.saturating_add(len as u64 - 1);
+            t.mark_pages(gpa >> LOG_PAGE_SHIFT, last >> LOG_PAGE_SHIFT);
+        }
     }
 
     /// One region of `size` bytes at guest-physical 0.
@@ -242,7 +284,9 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DriverError> {
         self.memory()
             .write_slice(data, GuestAddress(gpa))
-            .map_err(|_| DriverError::BadAddress(gpa))
+            .map_err(|_| DriverError::BadAddress(gpa))?;
+        self.tracked(gpa, data.len());
+        Ok(())
     }
 
     /// Fills `len` bytes at `gpa` with `byte`.
@@ -261,7 +305,9 @@ impl GuestRam {
     pub fn write_obj<T: ByteValued>(&self, val: T, gpa: u64) -> Result<(), DriverError> {
         self.memory()
             .write_obj(val, GuestAddress(gpa))
-            .map_err(|_| DriverError::BadAddress(gpa))
+            .map_err(|_| DriverError::BadAddress(gpa))?;
+        self.tracked(gpa, std::mem::size_of::<T>());
+        Ok(())
     }
 
     /// Atomic load at `gpa` (naturally aligned).
@@ -280,7 +326,9 @@ impl GuestRam {
     ) -> Result<(), DriverError> {
         self.memory()
             .store(val, GuestAddress(gpa), order)
-            .map_err(|_| DriverError::BadAddress(gpa))
+            .map_err(|_| DriverError::BadAddress(gpa))?;
+        self.tracked(gpa, std::mem::size_of::<T>());
+        Ok(())
     }
 
     /// A copy of every region's contents, to compare against later.
@@ -330,4 +378,39 @@ impl GuestRam {
 pub struct RamSnapshot {
     /// `(gpa, bytes)` per region.
     pub regions: Vec<(u64, Vec<u8>)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracked_writes_mark_their_pages() {
+        let ram = GuestRam::new(&[
+            RegionSpec::new(0, 1 << 20),
+            RegionSpec::new(4 << 20, 1 << 20),
+        ])
+        .unwrap();
+        // Untracked writes mark nothing.
+        ram.write(0x1000, &[1; 16]).unwrap();
+        let log = Arc::new(
+            LogRegion::anonymous(crate::log::log_size_for(8 << 20).unwrap() as usize).unwrap(),
+        );
+        ram.track_writes(Some(log.clone()));
+        assert_eq!(log.count_set(), 0);
+        // A write straddling a page boundary marks both pages.
+        ram.write(0x2ff8, &[2; 16]).unwrap();
+        ram.fill((4 << 20) + 0x5000, 1, 3).unwrap();
+        ram.write_obj(7u32, 0x9000).unwrap();
+        ram.store(1u16, 0xa002, Ordering::Release).unwrap();
+        let set: Vec<u64> = (0..log.pages()).filter(|&p| log.test_page(p)).collect();
+        assert_eq!(set, [2, 3, 9, 0xa, (4 << 20 >> 12) + 5]);
+        // Failed writes and reads mark nothing; detaching stops tracking.
+        log.clear_all();
+        assert!(ram.write(2 << 20, &[0; 8]).is_err());
+        let _ = ram.read_vec(0x2000, 64).unwrap();
+        ram.track_writes(None);
+        ram.write(0x3000, &[1]).unwrap();
+        assert_eq!(log.count_set(), 0);
+    }
 }

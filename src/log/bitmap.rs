@@ -28,8 +28,8 @@
 //! `EFAULT` exactly where an access would fault. A log that fails either check, or that does not
 //! cover the region, fails the `SET_LOG_BASE` message with a clear error.
 
-use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapReplace, MemRegionBitmap, MmapLogReg};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice, BS};
@@ -39,6 +39,7 @@ use vm_memory::{
     GuestMemoryRegionBytes, GuestUsize,
 };
 
+use super::sync::{fence, AtomicBool, Mutex, OnceLock};
 use super::{DirtyLog, LogError, LogRegion, LOG_PAGE_SHIFT};
 
 struct Binding {

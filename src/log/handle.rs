@@ -1,10 +1,11 @@
 //! The lock-free handle the dataplane marks through.
 
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::rcu;
+use super::sync::{AtomicBool, AtomicPtr, AtomicU64, Mutex};
 use super::{LogRegion, LOG_PAGE_SHIFT};
 
 #[derive(Default)]
@@ -246,7 +247,9 @@ impl DirtyLog {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let p = *self.current.get_mut();
+        // (A load rather than `get_mut`, which loom's atomics do not have; with `&mut self`
+        // nothing can race with it.)
+        let p = self.current.load(Ordering::Relaxed);
         if !p.is_null() {
             // SAFETY: `p` came from `Arc::into_raw`; with `&mut self` no reader can exist.
             drop(unsafe { Arc::from_raw(p) });

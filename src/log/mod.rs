@@ -28,6 +28,7 @@ mod bitmap;
 mod handle;
 mod rcu;
 mod region;
+pub(crate) mod sync;
 
 pub use bitmap::{GuestDirtyBitmap, StockLogAttach};
 pub use handle::{DirtyLog, LogStats};

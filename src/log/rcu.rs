@@ -23,8 +23,10 @@
 //! pool is bounded by the largest number of threads that were alive at once.
 
 use std::cell::Cell;
-use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::atomic::{compiler_fence, AtomicBool as StdAtomicBool, Ordering};
+use std::sync::Once;
+
+use super::sync::{fence, spin_wait, AtomicBool, AtomicU64, Mutex};
 
 /// One reader's sequence number, alone on its cache line.
 #[repr(align(128))]
@@ -34,7 +36,13 @@ struct Slot {
 }
 
 /// All slots ever created (leaked: they live as long as the process, and are reused).
+#[cfg(not(loom))]
 static SLOTS: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
+// Under loom the registry must be created anew in each explored execution.
+#[cfg(loom)]
+loom::lazy_static! {
+    static ref SLOTS: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
+}
 
 struct SlotRef(&'static Slot);
 
@@ -66,11 +74,17 @@ impl Drop for SlotRef {
     }
 }
 
+#[cfg(not(loom))]
 thread_local! {
     /// This thread's slot, for the fast path: const-initialised and without a destructor, so
     /// reading it is a plain thread-local load.
     static SLOT_PTR: Cell<Option<&'static Slot>> = const { Cell::new(None) };
     /// Owns the slot and gives it back when the thread exits.
+    static SLOT_OWNER: SlotRef = SlotRef::acquire();
+}
+#[cfg(loom)]
+loom::thread_local! {
+    static SLOT_PTR: Cell<Option<&'static Slot>> = Cell::new(None);
     static SLOT_OWNER: SlotRef = SlotRef::acquire();
 }
 
@@ -83,7 +97,7 @@ fn this_thread_slot() -> &'static Slot {
 }
 
 /// Whether `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` is registered and usable.
-static MEMBARRIER: AtomicBool = AtomicBool::new(false);
+static MEMBARRIER: StdAtomicBool = StdAtomicBool::new(false);
 static REGISTER: Once = Once::new();
 
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
@@ -91,7 +105,13 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
 
 /// Registers this process for expedited membarriers (once). Must run before the first reader
 /// relies on the writer-side barrier; [`crate::log::DirtyLog::new`] calls it.
+///
+/// Under `cfg(loom)` it registers nothing: loom cannot model `membarrier(2)`, so readers take
+/// the SeqCst-fence path (the one used on kernels without membarrier).
 pub(crate) fn init() {
+    if cfg!(loom) {
+        return;
+    }
     REGISTER.call_once(|| {
         // SAFETY: membarrier takes plain integer arguments and touches no user memory.
         let rc = unsafe {
@@ -141,7 +161,11 @@ pub(crate) fn read<R>(f: impl FnOnce() -> R) -> R {
         let s = &slot.seq;
         let v = s.load(Ordering::Relaxed);
         debug_assert!(v & 1 == 0, "nested RCU read section");
-        s.store(v + 1, Ordering::Relaxed);
+        // Release, not Relaxed: the writer may miss our previous exit store (`v`) and first
+        // see this one; it must still synchronise with everything the previous section did
+        // (C++20 release sequences no longer extend through later plain stores). Found by
+        // `tests/loom.rs::replace_vs_mark_grace_period`. On x86 this is the same `mov`.
+        s.store(v + 1, Ordering::Release);
         if MEMBARRIER.load(Ordering::Relaxed) {
             // The writer's membarrier orders this store before our pointer load.
             compiler_fence(Ordering::SeqCst);
@@ -167,12 +191,7 @@ pub(crate) fn synchronize() {
         }
         let mut spins = 0u32;
         while s.seq.load(Ordering::Acquire) == v {
-            spins += 1;
-            if spins < 128 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            spin_wait(&mut spins);
         }
     }
     fence(Ordering::Acquire);

@@ -16,11 +16,12 @@
 use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::bitmap::MmapLogReg;
 
+use super::sync::{AtomicU64, AtomicU8};
 use super::{LogError, LOG_PAGE_SHIFT};
 
 /// Who keeps the log memory alive and how it is released.
@@ -32,6 +33,14 @@ enum Owner {
     },
     /// vhost-user-backend's handler mapped it; the `Arc` keeps that mapping alive.
     Stock(#[allow(dead_code)] Arc<MmapLogReg>),
+    /// Under `cfg(loom)` only: the log's words and tail bytes are loom's instrumented atomics
+    /// (loom cannot observe accesses to raw memory), so the model checks run the real marking
+    /// and merging code on them.
+    #[cfg(loom)]
+    Loom {
+        words: Box<[AtomicU64]>,
+        tail: Box<[AtomicU8]>,
+    },
 }
 
 /// A validated, mapped vhost-user dirty log.
@@ -83,6 +92,12 @@ impl LogRegion {
     /// range past the end of the file, a size that does not fit the address space and an offset
     /// that would leave the log misaligned for 64-bit atomics are each a [`LogError`].
     pub fn from_fd(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<Self, LogError> {
+        #[cfg(loom)]
+        if size != 0 {
+            return Err(LogError::Map(std::io::Error::other(
+                "mapped logs are not available under cfg(loom)",
+            )));
+        }
         if size == 0 {
             return Err(LogError::ZeroSize);
         }
@@ -148,6 +163,23 @@ impl LogRegion {
         if size == 0 {
             return Err(LogError::ZeroSize);
         }
+        #[cfg(loom)]
+        {
+            let words: Box<[AtomicU64]> = (0..size / 8).map(|_| AtomicU64::new(0)).collect();
+            let tail: Box<[AtomicU8]> = (0..size % 8).map(|_| AtomicU8::new(0)).collect();
+            // Identity only (`same_memory`): never dereferenced under loom.
+            let base = if words.is_empty() {
+                NonNull::from(&tail[0]).cast::<u8>()
+            } else {
+                NonNull::from(&words[0]).cast::<u8>()
+            };
+            return Ok(LogRegion {
+                base,
+                len: size,
+                owner: Owner::Loom { words, tail },
+            });
+        }
+        #[cfg_attr(loom, allow(unreachable_code))]
         let map_len = size
             .checked_next_multiple_of(8)
             .filter(|l| *l <= isize::MAX as usize / 2)
@@ -181,6 +213,12 @@ impl LogRegion {
     /// Wraps a log that vhost-user-backend's stock handler mapped, once its usable length is
     /// known and proven backed by the file (see `bitmap::stock_log_len`).
     pub(crate) fn from_stock(log: Arc<MmapLogReg>, len: usize) -> Result<Self, LogError> {
+        #[cfg(loom)]
+        if len != 0 {
+            return Err(LogError::Map(std::io::Error::other(
+                "mapped logs are not available under cfg(loom)",
+            )));
+        }
         if len == 0 {
             return Err(LogError::ZeroSize);
         }
@@ -227,6 +265,10 @@ impl LogRegion {
 
     /// The whole 64-bit words of the log (bit `p % 64` of word `p / 64` is page `p`).
     pub fn words(&self) -> &[AtomicU64] {
+        #[cfg(loom)]
+        if let Owner::Loom { words, .. } = &self.owner {
+            return words;
+        }
         // SAFETY: `base` is 8-byte aligned and valid for `len` bytes for the lifetime of
         // `self` (the owner keeps the mapping); `AtomicU64` has the size and alignment of
         // `u64`, and the memory is only ever accessed atomically through these views.
@@ -235,6 +277,10 @@ impl LogRegion {
 
     /// The bytes after the last whole word (a log whose size is not a multiple of 8).
     pub fn tail(&self) -> &[AtomicU8] {
+        #[cfg(loom)]
+        if let Owner::Loom { tail, .. } = &self.owner {
+            return tail;
+        }
         let whole = self.len / 8 * 8;
         // SAFETY: `whole <= len`, so the `len - whole` bytes starting there are inside the
         // validated mapping; `AtomicU8` has no alignment requirement beyond 1.
@@ -260,13 +306,27 @@ impl LogRegion {
         // straddle a 256 KiB boundary).
         let w = first / 64;
         if w == last / 64 && w < (self.len / 8) as u64 && first <= last {
-            // SAFETY: `w < len / 8`, so the word lies inside the validated, 8-byte aligned
-            // mapping; it is only accessed atomically.
-            let word = unsafe { &*(self.base.as_ptr() as *const AtomicU64).add(w as usize) };
-            word.fetch_or(word_mask(first % 64, last % 64), Ordering::Release);
+            self.word(w as usize)
+                .fetch_or(word_mask(first % 64, last % 64), Ordering::Release);
             return 0;
         }
         self.mark_pages_slow(first, last)
+    }
+
+    /// Word `w` of the log, without a bounds check in normal builds; `w < len / 8`.
+    #[inline(always)]
+    fn word(&self, w: usize) -> &AtomicU64 {
+        debug_assert!(w < self.len / 8);
+        #[cfg(not(loom))]
+        {
+            // SAFETY: the caller guarantees `w < len / 8`, so the word lies inside the
+            // validated, 8-byte aligned mapping; it is only accessed atomically.
+            unsafe { &*(self.base.as_ptr() as *const AtomicU64).add(w) }
+        }
+        #[cfg(loom)]
+        {
+            &self.words()[w]
+        }
     }
 
     fn mark_pages_slow(&self, first: u64, last: u64) -> u64 {
@@ -364,6 +424,10 @@ impl LogRegion {
     /// Uses `MADV_POPULATE_WRITE` (Linux 5.14+), which fails with `EFAULT` exactly where an
     /// access would raise `SIGBUS`. On older kernels (`EINVAL`) the check is skipped.
     pub(crate) fn prove_backed(&self) -> Result<(), LogError> {
+        #[cfg(loom)]
+        if let Owner::Loom { .. } = self.owner {
+            return Ok(());
+        }
         let ps = page_size() as usize;
         let start = self.base.as_ptr() as usize;
         let aligned = start - start % ps;

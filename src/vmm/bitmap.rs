@@ -47,12 +47,15 @@
 //! end of the bitmap are neither merged nor (for the log) cleared.
 
 use std::ops::ControlFlow;
-use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use super::{SharedLog, VmmError};
+// The log's own atomics: `std`'s, except under `cfg(loom)` (see `crate::log::sync`). The
+// bitmap's blocks always use `std`'s.
+use crate::log::sync::{fence, AtomicU8 as LogByte};
 use crate::log::LogRegion;
 
 /// Guest pages per bitmap block (2^18 pages: 32 KiB of bitmap covering 1 GiB of guest memory).
@@ -275,9 +278,9 @@ fn merge_core(
 /// `first_page + 8k ..`.
 fn merge_tail(
     t: &Table,
-    tail: &[AtomicU8],
+    tail: &[LogByte],
     first_page: Option<u64>,
-    mut take: impl FnMut(usize, &AtomicU8, u8) -> u8,
+    mut take: impl FnMut(usize, &LogByte, u8) -> u8,
 ) -> u64 {
     let Some(first_page) = first_page else {
         return 0;
@@ -297,10 +300,41 @@ fn merge_tail(
     newly
 }
 
+/// The operations the merges need from an atomic 64-bit word, so one `take_word` / `all_zero`
+/// serves the bitmap's words (`std`) and the log's (`crate::log::sync`: the same type, except
+/// under `cfg(loom)`, where the model checks run this very code on loom's atomics).
+trait Word {
+    fn load(&self, order: Ordering) -> u64;
+    fn swap(&self, v: u64, order: Ordering) -> u64;
+    fn fetch_and(&self, v: u64, order: Ordering) -> u64;
+}
+
+macro_rules! impl_word {
+    ($t:ty) => {
+        impl Word for $t {
+            #[inline(always)]
+            fn load(&self, order: Ordering) -> u64 {
+                <$t>::load(self, order)
+            }
+            #[inline(always)]
+            fn swap(&self, v: u64, order: Ordering) -> u64 {
+                <$t>::swap(self, v, order)
+            }
+            #[inline(always)]
+            fn fetch_and(&self, v: u64, order: Ordering) -> u64 {
+                <$t>::fetch_and(self, v, order)
+            }
+        }
+    };
+}
+impl_word!(AtomicU64);
+#[cfg(loom)]
+impl_word!(crate::log::sync::AtomicU64);
+
 /// Consumes `mask`'s bits of a log word: a relaxed load skips a clean word, an Acquire swap
 /// (or, for a partial word, an Acquire `fetch_and`) takes exactly the bits it clears.
 #[inline(always)]
-fn take_word(w: &AtomicU64, mask: u64) -> u64 {
+fn take_word<W: Word>(w: &W, mask: u64) -> u64 {
     if w.load(Ordering::Relaxed) & mask == 0 {
         0
     } else if mask == !0 {
@@ -328,7 +362,7 @@ pub trait LeWords {
 
 /// Whether every word of a log slice is zero: relaxed loads ORed together, one branch.
 #[inline(always)]
-fn all_zero(words: &[AtomicU64]) -> bool {
+fn all_zero<W: Word>(words: &[W]) -> bool {
     words
         .iter()
         .fold(0, |acc, w| acc | w.load(Ordering::Relaxed))

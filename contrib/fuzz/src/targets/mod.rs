@@ -1,0 +1,113 @@
+//! The bodies of the fuzz targets, as plain library functions.
+//!
+//! This directory is compiled twice: by the cargo-fuzz crate (`contrib/fuzz`, through
+//! `fuzz_targets/*.rs`) and by the main crate's `tests/fuzz_replay.rs` (through `#[path]`), which
+//! replays every file of `contrib/fuzz/corpus/<target>/` and
+//! `contrib/fuzz/artifacts-regressions/<target>/` on each `cargo test`. It may therefore only use
+//! crates both have: the main crate's dependencies and `arbitrary` (a dev-dependency there).
+//!
+//! Each target module has `run(data: &[u8]) -> Reached`: decode the bytes with `arbitrary`,
+//! drive the code under test, check it against a model, and panic on any disagreement. Input
+//! that does not decode is ignored. `Reached` counts the interesting things an input did, so the
+//! seed generator can keep inputs that go deep and the replay test can prove the committed
+//! corpus still does.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+pub mod backend_messages;
+pub mod blk_request;
+pub mod log_region;
+pub mod merge;
+pub mod seeds;
+
+/// Names of the targets, as used for corpus directories.
+pub const TARGETS: [&str; 4] = ["log_region", "merge", "backend_messages", "blk_request"];
+
+/// Runs target `name` on `data`.
+pub fn run(name: &str, data: &[u8]) -> Reached {
+    match name {
+        "log_region" => log_region::run(data),
+        "merge" => merge::run(data),
+        "backend_messages" => backend_messages::run(data),
+        "blk_request" => blk_request::run(data),
+        other => panic!("unknown fuzz target {other}"),
+    }
+}
+
+/// What one input exercised: event name -> count.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reached(pub BTreeMap<&'static str, u64>);
+
+impl Reached {
+    /// Counts one `event`.
+    pub fn hit(&mut self, event: &'static str) {
+        *self.0.entry(event).or_default() += 1;
+    }
+
+    /// How often `event` happened.
+    pub fn get(&self, event: &str) -> u64 {
+        self.0.get(event).copied().unwrap_or(0)
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn absorb(&mut self, other: &Reached) {
+        for (k, v) in &other.0 {
+            *self.0.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// A new memfd of `len` bytes (sparse). Panics only if the system refuses one, which is not an
+/// input-dependent condition.
+pub fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create reads a valid NUL-terminated string and returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"vdl-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).expect("ftruncate memfd");
+    f
+}
+
+/// The whole content of `f` (at most a few hundred KiB in these targets).
+pub fn file_bytes(f: &File) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().expect("fstat").len() as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0).expect("pread");
+    buf
+}
+
+/// Bit `i` of a byte-addressed little-endian bitmap.
+pub fn get_bit(bytes: &[u8], i: u64) -> bool {
+    bytes
+        .get((i / 8) as usize)
+        .is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+/// Sets bits `first..=last` (all inside `bytes`) a byte at a time.
+pub fn set_bits(bytes: &mut [u8], first: u64, last: u64) {
+    let mut i = first;
+    while i <= last {
+        if i % 8 == 0 && last - i >= 7 {
+            bytes[(i / 8) as usize] = 0xff;
+            i += 8;
+        } else {
+            bytes[(i / 8) as usize] |= 1 << (i % 8);
+            i += 1;
+        }
+    }
+}
+
+/// Indices of the set bits of `bytes` (ascending).
+pub fn set_bit_indices(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.iter().enumerate().flat_map(|(k, &b)| {
+        (0..8u64)
+            .filter(move |j| b & (1 << j) != 0)
+            .map(move |j| k as u64 * 8 + j)
+    })
+}

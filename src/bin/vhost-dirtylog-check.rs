@@ -1,0 +1,292 @@
+//! `vhost-dirtylog-check`: drives any vhost-user-blk backend through a simulated live migration
+//! and reports the guest pages it wrote without marking them in the dirty log. The work is done
+//! by `vhost_dirtylog::check`; this is its command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use vhost_dirtylog::check::{
+    self, default_layout, parse_duration, parse_layout, parse_size, pattern, BenchOptions,
+    CheckOptions, Fault, Workload, EXIT_OK, EXIT_PROTOCOL, EXIT_USAGE,
+};
+
+/// Drive a vhost-user-blk backend through a simulated live migration and report lost dirty
+/// pages.
+///
+/// The checker is the VMM and the guest: it gives the backend memfd guest memory (several
+/// regions with holes), starts the virtqueues, fills the disk with a pattern that names every
+/// word's disk offset, and keeps many random reads (and, if asked, writes) in flight. Meanwhile
+/// it migrates: it hands the backend a dirty log, turns LOG_ALL on, copies all memory to a
+/// "destination", and every round copies the pages the log reports dirty. At the end it stops
+/// every ring with GET_VRING_BASE, syncs a last time and compares the destination with the
+/// source byte for byte: every differing page is a page the backend wrote and never reported,
+/// a page a real migration would have lost.
+///
+/// Works with any vhost-user-blk backend: vhost-dirtylog-blk, qemu-storage-daemon
+/// (--export type=vhost-user-blk,...,writable=on), ...
+#[derive(Debug, Parser)]
+#[command(name = "vhost-dirtylog-check", version, verbatim_doc_comment)]
+#[command(after_help = "Exit status:
+  0   no lost page, every read returned the expected data
+  1   lost pages: the backend wrote guest memory the dirty log never reported
+  2   protocol error: the backend broke the protocol, stalled or failed
+  3   the backend does not support dirty logging (no VHOST_F_LOG_ALL / LOG_SHMFD)
+  4   no lost page, but reads returned wrong data or requests failed
+  64  invalid options
+
+Examples:
+  vhost-dirtylog-check /tmp/vblk.sock
+  vhost-dirtylog-check --fault all --queues 2 --duration 10s /tmp/vblk.sock
+  vhost-dirtylog-check --layout 0:64M,1G:64M,4G:128M --workload mixed --deferred /tmp/vblk.sock
+  vhost-dirtylog-check --bench --queues 1 --depth 32 /tmp/vblk.sock
+  vhost-dirtylog-check --json /tmp/vblk.sock | jq .lost_pages")]
+struct Args {
+    /// The backend's vhost-user socket.
+    #[arg(value_name = "SOCKET", required_unless_present = "write_image")]
+    socket: Option<PathBuf>,
+
+    /// Guest RAM, split evenly into --regions regions separated by holes.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+
+    /// Number of guest RAM regions (each starts at the next 1 GiB boundary).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    regions: u32,
+
+    /// Explicit RAM layout instead of --mem/--regions, e.g. 0:64M,1G:64M,4G:32M. The first
+    /// region holds the rings.
+    #[arg(long, value_name = "GPA:SIZE,...", conflicts_with_all = ["mem", "regions"])]
+    layout: Option<String>,
+
+    /// Queues to drive [default: 2, or fewer if the backend has fewer].
+    #[arg(long, value_name = "N")]
+    queues: Option<u16>,
+
+    /// Entries per queue.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    queue_size: u16,
+
+    /// Requests in flight per queue.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    depth: u16,
+
+    /// Put each used ring at a page boundary (as most drivers do) instead of placing it so that
+    /// its avail_event field starts a page of its own (the default, which exposes a backend
+    /// that writes avail_event without logging it).
+    #[arg(long)]
+    aligned_used_ring: bool,
+
+    /// Guest workload.
+    #[arg(long, value_enum, default_value = "read")]
+    workload: Workload,
+
+    /// Smallest request (multiple of 4K).
+    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_size)]
+    min_io: u64,
+
+    /// Largest request (multiple of 4K).
+    #[arg(long, value_name = "SIZE", default_value = "128K", value_parser = parse_size)]
+    max_io: u64,
+
+    /// Pre-copy rounds after the full copy (default: as many as fit in --duration).
+    #[arg(long, value_name = "N")]
+    rounds: Option<u64>,
+
+    /// How long the migration runs.
+    #[arg(long, value_name = "TIME", default_value = "3s", value_parser = parse_duration)]
+    duration: Duration,
+
+    /// Time between the starts of two rounds.
+    #[arg(long, value_name = "TIME", default_value = "50ms", value_parser = parse_duration)]
+    round_interval: Duration,
+
+    /// Deferred clearing: fetch the log without clearing it, clear each chunk right before
+    /// copying it (MigrationBitmap::fetch_log / FetchedLog::clear_pages).
+    #[arg(long)]
+    deferred: bool,
+
+    /// Chunk size in pages for --deferred.
+    #[arg(long, value_name = "PAGES", default_value_t = 512)]
+    clear_chunk: u64,
+
+    /// Faults to inject, spread over the run: log-resize, mem-table, log-toggle, reconnect,
+    /// all or none (comma-separated).
+    #[arg(long, value_name = "LIST", default_value = "none", value_parser = Fault::parse_list)]
+    fault: FaultList,
+
+    /// Fill the disk span with the pattern through the backend first (the default when the
+    /// device is writable).
+    #[arg(long, conflicts_with = "no_prepare")]
+    prepare: bool,
+
+    /// The disk already holds the pattern for --seed (see --write-image); do not write it.
+    #[arg(long)]
+    no_prepare: bool,
+
+    /// Disk bytes to use from offset 0 (capped at the capacity).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    disk_span: u64,
+
+    /// Seed of the data pattern and the random workload.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    seed: u64,
+
+    /// Bound on every wait for the backend (replies, completions).
+    #[arg(long, value_name = "TIME", default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Wait between the final sync and the comparison (catches writes after GET_VRING_BASE).
+    #[arg(long, value_name = "TIME", default_value = "200ms", value_parser = parse_duration)]
+    settle: Duration,
+
+    /// Print one JSON object on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+
+    /// No progress line on stderr (it is shown only when stderr is a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+
+    /// Measure IOPS and bandwidth with logging off vs on (4 KiB random reads, alternating
+    /// phases) instead of checking.
+    #[arg(long)]
+    bench: bool,
+
+    /// Length of one --bench phase.
+    #[arg(long, value_name = "TIME", default_value = "200ms", value_parser = parse_duration)]
+    bench_phase: Duration,
+
+    /// Number of --bench phases (a multiple of 4: off, on, on, off, ...).
+    #[arg(long, value_name = "N", default_value_t = 40)]
+    bench_phases: u32,
+
+    /// Write an image of --disk-span bytes holding the pattern for --seed to PATH and exit
+    /// (for backends that export the disk read-only; then check with --no-prepare).
+    #[arg(long, value_name = "PATH")]
+    write_image: Option<PathBuf>,
+}
+
+/// One `--fault` value is a whole list (an alias, so clap does not read `Vec` as "repeatable").
+type FaultList = Vec<Fault>;
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => exit(EXIT_OK),
+                _ => exit(EXIT_USAGE),
+            };
+        }
+    };
+    if let Some(path) = &args.write_image {
+        return match pattern::write_image(path, args.disk_span, args.seed) {
+            Ok(()) => {
+                eprintln!(
+                    "wrote {} bytes of pattern (seed {}) to {}",
+                    args.disk_span / 512 * 512,
+                    args.seed,
+                    path.display()
+                );
+                exit(EXIT_OK)
+            }
+            Err(e) => {
+                eprintln!("vhost-dirtylog-check: {}: {e}", path.display());
+                exit(EXIT_PROTOCOL)
+            }
+        };
+    }
+    let layout = match &args.layout {
+        Some(l) => parse_layout(l),
+        None => default_layout(args.mem, args.regions),
+    };
+    let layout = match layout {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vhost-dirtylog-check: {e}");
+            return exit(EXIT_USAGE);
+        }
+    };
+    let Some(socket) = args.socket.clone() else {
+        eprintln!("vhost-dirtylog-check: no socket given");
+        return exit(EXIT_USAGE);
+    };
+    let opts = CheckOptions {
+        layout,
+        queues: args.queues,
+        queue_size: args.queue_size,
+        depth: args.depth,
+        isolate_avail_event: !args.aligned_used_ring,
+        workload: args.workload,
+        min_io: args.min_io,
+        max_io: args.max_io,
+        rounds: args.rounds,
+        duration: args.duration,
+        round_interval: args.round_interval,
+        deferred: args.deferred,
+        clear_chunk: args.clear_chunk,
+        faults: args.fault.clone(),
+        prepare: if args.prepare {
+            Some(true)
+        } else if args.no_prepare {
+            Some(false)
+        } else {
+            None
+        },
+        disk_span: args.disk_span,
+        seed: args.seed,
+        timeout: args.timeout,
+        settle: args.settle,
+        progress: !args.no_progress,
+        ..CheckOptions::new(socket)
+    };
+    let (out, code) = if args.bench {
+        let b = BenchOptions {
+            phase: args.bench_phase,
+            phases: args.bench_phases,
+            ..BenchOptions::default()
+        };
+        match check::bench(&opts, &b) {
+            Ok(r) if args.json => (serde_json::to_string(&r).map_err(|e| e.to_string()), 0),
+            Ok(r) => (Ok(r.summary()), 0),
+            Err(e) => return fail(&e, args.json),
+        }
+    } else {
+        match check::run(&opts) {
+            Ok(r) if args.json => (
+                serde_json::to_string(&r).map_err(|e| e.to_string()),
+                r.exit_code,
+            ),
+            Ok(r) => (Ok(r.summary()), r.exit_code),
+            Err(e) => return fail(&e, args.json),
+        }
+    };
+    match out {
+        Ok(s) => {
+            println!("{s}");
+            exit(code)
+        }
+        Err(e) => {
+            eprintln!("vhost-dirtylog-check: cannot encode the report: {e}");
+            exit(EXIT_PROTOCOL)
+        }
+    }
+}
+
+fn fail(e: &check::CheckError, json: bool) -> ExitCode {
+    if json {
+        let v = serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() });
+        println!("{v}");
+    }
+    eprintln!("vhost-dirtylog-check: {e}");
+    exit(e.exit_code())
+}

@@ -1,0 +1,210 @@
+//! `--bench`: what dirty logging costs the backend's dataplane.
+//!
+//! Fixed-depth 4 KiB random reads into page-aligned buffers (the case where a per-request mark
+//! weighs most against the data copy), with the log attached throughout and `LOG_ALL`
+//! switched off and on in short alternating phases. The disk span is written first (when the
+//! device is writable), so every read hits the same warm page cache. Phases run in groups of
+//! four, off, on, on, off, so a linear drift (CPU frequency, other load) affects both sides of
+//! a group equally. The report gives the totals of all "off" and all "on" phases and, more
+//! robust against bursts of outside load, the median of the per-group overheads. During "on"
+//! phases the VMM thread syncs the log every round interval, as it would while migrating, so
+//! the backend also pays for marking bits that were just cleared.
+
+use std::time::{Duration, Instant};
+
+use super::session::{prepare, setup, slot_size, Workers};
+use super::{CheckError, CheckOptions, Workload};
+use crate::vmm::{MigrationBitmap, SharedLog};
+
+/// Settings of a benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Length of one phase.
+    pub phase: Duration,
+    /// Number of phases (rounded up to a multiple of 4: off, on, on, off).
+    pub phases: u32,
+    /// Warm-up before the first phase.
+    pub warmup: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            phase: Duration::from_millis(200),
+            phases: 40,
+            warmup: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One measured phase.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchPhase {
+    /// `LOG_ALL` was on.
+    pub logging: bool,
+    /// Requests per second.
+    pub iops: f64,
+}
+
+/// The benchmark result (the `--bench --json` output).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// The socket.
+    pub socket: String,
+    /// Queues driven.
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+    /// Request size in bytes.
+    pub io_size: u64,
+    /// IOPS with logging off (all "off" phases).
+    pub iops_off: f64,
+    /// IOPS with logging on (all "on" phases).
+    pub iops_on: f64,
+    /// MiB/s with logging off.
+    pub mib_s_off: f64,
+    /// MiB/s with logging on.
+    pub mib_s_on: f64,
+    /// `(off - on) / off` in percent over all phases (negative: faster with logging on, i.e.
+    /// noise).
+    pub overhead_pct: f64,
+    /// Median over the off/on/on/off groups of each group's overhead, in percent.
+    pub overhead_median_pct: f64,
+    /// Pages the log reported during the "on" phases.
+    pub pages_marked: u64,
+    /// Every phase.
+    pub phases: Vec<BenchPhase>,
+}
+
+impl BenchReport {
+    /// A short summary for people.
+    pub fn summary(&self) -> String {
+        format!(
+            "vhost-dirtylog-check --bench: {}\n  4 KiB random reads, {} queue(s) x {} in flight, {} alternating phases\n  logging off: {:>10.0} IOPS {:>8.1} MiB/s\n  logging on:  {:>10.0} IOPS {:>8.1} MiB/s  ({} pages marked)\n  overhead:    {:+.2}% (all phases), {:+.2}% (median of {} off/on/on/off groups)",
+            self.socket,
+            self.queues,
+            self.depth,
+            self.phases.len(),
+            self.iops_off,
+            self.mib_s_off,
+            self.iops_on,
+            self.mib_s_on,
+            self.pages_marked,
+            self.overhead_pct,
+            self.overhead_median_pct,
+            self.phases.len() / 4
+        )
+    }
+}
+
+/// Measures IOPS and bandwidth with logging off and on (see the module docs). `opts` supplies
+/// the socket, memory layout, queues, depth, seed and timeout; the workload is fixed.
+pub fn bench(opts: &CheckOptions, b: &BenchOptions) -> Result<BenchReport, CheckError> {
+    let mut o = opts.clone();
+    o.workload = Workload::Read;
+    o.min_io = 4096;
+    o.max_io = 4096;
+    o.faults.clear();
+    let mut s = setup(&o, slot_size(4096))?;
+    // One segment per request, page aligned.
+    s.max_segs = 1;
+    s.max_req = 4096;
+    if o.prepare.unwrap_or(!s.backend.read_only) {
+        prepare(&mut s, &o)?;
+    }
+    s.depth = usize::from(o.depth)
+        .min(usize::from(o.queue_size) / 3)
+        .max(1);
+    let log = SharedLog::new(s.shared.ram.gpa_end()).map_err(super::dest::vmm_err)?;
+    let bitmap = MigrationBitmap::new(log.guest_pages()).map_err(super::dest::vmm_err)?;
+    {
+        let mut g = s.shared.conn();
+        let region = log.dirty_log_region();
+        g.with(|c| c.set_log_base(region))?;
+    }
+    let queues = s.queues.len() as u16;
+    let depth = s.depth as u16;
+    let mut workers = Workers::spawn(&mut s, &o, 4096, false, false)?;
+    let res = (|| {
+        std::thread::sleep(b.warmup);
+        let n = b.phases.max(1).next_multiple_of(4);
+        let mut phases = Vec::new();
+        let (mut t_off, mut t_on, mut n_off, mut n_on) = (0f64, 0f64, 0u64, 0u64);
+        let mut marked = 0;
+        for i in 0..n {
+            let on = matches!(i % 4, 1 | 2);
+            s.shared.conn().with(|c| c.set_log_all(on))?;
+            if s.shared.abort.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(CheckError::Protocol("a queue worker failed".into()));
+            }
+            let c0 = workers.sum(|s| &s.completed);
+            let t0 = Instant::now();
+            let end = t0 + b.phase;
+            while Instant::now() < end {
+                let left = end.saturating_duration_since(Instant::now());
+                std::thread::sleep(left.min(o.round_interval));
+                if on {
+                    marked += bitmap.sync_from_log(&log, 0);
+                    bitmap.clear_range(0, u64::MAX);
+                }
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            let dn = workers.sum(|s| &s.completed) - c0;
+            if on {
+                t_on += dt;
+                n_on += dn;
+            } else {
+                t_off += dt;
+                n_off += dn;
+            }
+            phases.push(BenchPhase {
+                logging: on,
+                iops: dn as f64 / dt,
+            });
+        }
+        s.shared.conn().with(|c| c.set_log_all(false))?;
+        let mut groups: Vec<f64> = phases
+            .chunks(4)
+            .map(|g| {
+                let off: f64 = g.iter().filter(|p| !p.logging).map(|p| p.iops).sum();
+                let on: f64 = g.iter().filter(|p| p.logging).map(|p| p.iops).sum();
+                if off > 0.0 {
+                    (off - on) / off * 100.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        groups.sort_by(f64::total_cmp);
+        let overhead_median_pct = match groups.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => groups[n / 2],
+            n => (groups[n / 2 - 1] + groups[n / 2]) / 2.0,
+        };
+        let iops_off = n_off as f64 / t_off.max(1e-9);
+        let iops_on = n_on as f64 / t_on.max(1e-9);
+        let mib = |iops: f64| iops * 4096.0 / f64::from(1 << 20);
+        Ok(BenchReport {
+            socket: o.socket.display().to_string(),
+            queues,
+            depth,
+            io_size: 4096,
+            iops_off,
+            iops_on,
+            mib_s_off: mib(iops_off),
+            mib_s_on: mib(iops_on),
+            overhead_pct: if iops_off > 0.0 {
+                (iops_off - iops_on) / iops_off * 100.0
+            } else {
+                0.0
+            },
+            overhead_median_pct,
+            pages_marked: marked,
+            phases,
+        })
+    })();
+    let fin = workers.finish();
+    let report = res?;
+    fin?;
+    Ok(report)
+}

@@ -1,0 +1,338 @@
+//! The result of a run: one serializable [`Report`] (the `--json` object) and its human
+//! summary.
+
+use std::fmt::Write;
+
+use super::{Fault, VmmStats, Workload, EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL};
+
+/// What the backend offered and how it was driven.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BackendInfo {
+    /// The socket.
+    pub socket: String,
+    /// Virtio features offered (hex).
+    pub features: String,
+    /// Protocol features offered (hex).
+    pub protocol_features: String,
+    /// Queues the backend supports.
+    pub queue_num: u64,
+    /// Disk capacity in bytes (0 if the backend has no config space).
+    pub capacity: u64,
+    /// Disk bytes the run used.
+    pub span: u64,
+    /// The device is read-only.
+    pub read_only: bool,
+    /// `VIRTIO_RING_F_EVENT_IDX` negotiated.
+    pub event_idx: bool,
+    /// `VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS` negotiated (hot-add with `ADD_MEM_REG`).
+    pub mem_slots: bool,
+}
+
+/// One injected fault.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FaultRecord {
+    /// Which fault.
+    pub fault: Fault,
+    /// Seconds after the migration started.
+    pub at_s: f64,
+    /// The round after which it was injected.
+    pub round: u64,
+    /// What happened.
+    pub detail: String,
+}
+
+/// One lost page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LostPage {
+    /// Guest-physical address (hex).
+    pub gpa: String,
+    /// What the page holds: `data` (a request buffer), `status` (request headers and status
+    /// bytes), `used-ring`, `other`.
+    pub kind: &'static str,
+    /// The backend's log had the page marked *after* the final sync: the write and mark came
+    /// after the ring was stopped, too late for the migration.
+    pub marked_late: bool,
+}
+
+/// How the backend behaved around the final `GET_VRING_BASE`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StopStats {
+    /// Requests the backend had taken but not completed when it replied (all queues).
+    pub inflight_at_stop: u64,
+    /// Requests completed after the reply (all queues).
+    pub completed_after_stop: u64,
+    /// Requests the backend took from the ring after the reply (never allowed).
+    pub processed_after_stop: u64,
+    /// The backend failed during the final stop (the first error), if it did.
+    pub error: Option<String>,
+}
+
+/// The result of a check run (the `--json` output).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// The backend.
+    pub backend: BackendInfo,
+    /// Guest RAM at the start, as `(gpa, size)`.
+    pub layout: Vec<(u64, u64)>,
+    /// Queues driven.
+    pub queues: u16,
+    /// Entries per queue.
+    pub queue_size: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+    /// The workload.
+    pub workload: Workload,
+    /// Faults injected.
+    pub faults: Vec<Fault>,
+    /// Deferred clearing used.
+    pub deferred: bool,
+    /// The seed.
+    pub seed: u64,
+    /// Seconds from the start of the migration to the final stop.
+    pub elapsed_s: f64,
+    /// Requests completed during the migration.
+    pub requests: u64,
+    /// Of which reads.
+    pub reads: u64,
+    /// Of which writes.
+    pub writes: u64,
+    /// Data bytes transferred.
+    pub bytes: u64,
+    /// Requests per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_s: f64,
+    /// Requests completed with an error status.
+    pub io_errors: u64,
+    /// Reads whose buffers did not hold the expected disk data.
+    pub data_errors: u64,
+    /// Distinct guest pages the device wrote while logging was on (data, status, used ring).
+    pub device_pages_written: u64,
+    /// Page writes by the device while logging was on (a page written twice counts twice).
+    pub device_page_writes: u64,
+    /// Guest RAM pages compared at the end.
+    pub ram_pages: u64,
+    /// The VMM side: rounds, pages marked and copied, time spent.
+    pub vmm: VmmStats,
+    /// Size of the final log in bytes.
+    pub log_bytes: u64,
+    /// Pages whose destination copy differs from the source.
+    pub lost_pages: u64,
+    /// Lost pages the log never reported.
+    pub lost_unmarked: u64,
+    /// Lost pages marked only after the final sync (written after `GET_VRING_BASE`).
+    pub lost_late: u64,
+    /// Lost pages that are request data buffers.
+    pub lost_data: u64,
+    /// Lost pages holding request headers / status bytes.
+    pub lost_status: u64,
+    /// Lost pages of used rings.
+    pub lost_used_ring: u64,
+    /// The first lost pages.
+    pub lost_samples: Vec<LostPage>,
+    /// Behaviour around the final stop.
+    pub stop: StopStats,
+    /// Faults, when and what.
+    pub fault_log: Vec<FaultRecord>,
+    /// Examples of device problems (wrong data, I/O errors).
+    pub samples: Vec<String>,
+    /// One-line verdict.
+    pub verdict: String,
+    /// The process exit status this report maps to.
+    pub exit_code: i32,
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn size(b: u64) -> String {
+    if b >= 1 << 30 && b % (1 << 30) == 0 {
+        format!("{} GiB", b >> 30)
+    } else if b >= 1 << 20 {
+        format!("{} MiB", b >> 20)
+    } else {
+        format!("{} KiB", b >> 10)
+    }
+}
+
+impl Report {
+    /// Fills in the verdict and exit status from the counters.
+    pub(crate) fn conclude(&mut self) {
+        let (v, code) = if self.lost_pages > 0 {
+            (
+                format!(
+                    "FAIL: {} lost page(s): the backend wrote guest memory that the dirty log never reported{}",
+                    self.lost_pages,
+                    if self.lost_late > 0 {
+                        format!(" ({} written after GET_VRING_BASE)", self.lost_late)
+                    } else {
+                        String::new()
+                    }
+                ),
+                EXIT_LOST,
+            )
+        } else if let Some(e) = &self.stop.error {
+            (
+                format!(
+                    "FAIL: 0 lost pages, but the backend failed when its rings were stopped: {e}"
+                ),
+                EXIT_PROTOCOL,
+            )
+        } else if self.data_errors > 0 || self.io_errors > 0 {
+            (
+                format!(
+                    "FAIL: 0 lost pages, but the device returned wrong data in {} read(s) and failed {} request(s)",
+                    self.data_errors, self.io_errors
+                ),
+                EXIT_DATA,
+            )
+        } else {
+            (
+                "PASS: 0 lost pages: every page the backend wrote reached the destination".into(),
+                EXIT_OK,
+            )
+        };
+        self.verdict = v;
+        self.exit_code = code;
+    }
+
+    /// A multi-line summary for people.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let b = &self.backend;
+        let ram: u64 = self.layout.iter().map(|r| r.1).sum();
+        let _ = writeln!(s, "vhost-dirtylog-check: {}", b.socket);
+        let _ = writeln!(
+            s,
+            "  backend    features {}, protocol {}, {} queue(s), disk {}{}",
+            b.features,
+            b.protocol_features,
+            b.queue_num,
+            if b.capacity > 0 {
+                size(b.capacity)
+            } else {
+                "size unknown".into()
+            },
+            if b.read_only { ", read-only" } else { "" }
+        );
+        let _ = writeln!(
+            s,
+            "  guest      {} in {} region(s), {} queue(s) x {} requests in flight, {} workload over {} of disk",
+            size(ram),
+            self.layout.len(),
+            self.queues,
+            self.depth,
+            self.workload.name(),
+            size(b.span)
+        );
+        let _ = writeln!(
+            s,
+            "  workload   {} requests ({} reads, {} writes), {} MiB in {:.2} s: {} IOPS, {:.1} MiB/s",
+            group(self.requests),
+            group(self.reads),
+            group(self.writes),
+            self.bytes >> 20,
+            self.elapsed_s,
+            group(self.iops as u64),
+            self.mib_s
+        );
+        let _ = writeln!(
+            s,
+            "  device     wrote {} distinct guest pages ({} page writes) while logging was on",
+            group(self.device_pages_written),
+            group(self.device_page_writes)
+        );
+        let v = &self.vmm;
+        let _ = writeln!(
+            s,
+            "  migration  {} rounds{}: {} pages marked by the backend's log, {} by the guest, {} copied; log {}",
+            v.rounds,
+            if self.deferred { " (deferred clear)" } else { "" },
+            group(v.pages_marked),
+            group(v.guest_pages_marked),
+            group(v.pages_copied),
+            size(self.log_bytes)
+        );
+        for f in &self.fault_log {
+            let _ = writeln!(
+                s,
+                "  fault      {} at {:.2} s (after round {}): {}",
+                f.fault, f.at_s, f.round, f.detail
+            );
+        }
+        let st = &self.stop;
+        let _ = writeln!(
+            s,
+            "  stop       GET_VRING_BASE: {} request(s) still in flight at the reply, {} completed after it, {} taken after it",
+            st.inflight_at_stop, st.completed_after_stop, st.processed_after_stop
+        );
+        if let Some(e) = &st.error {
+            let _ = writeln!(s, "             the backend failed during the stop: {e}");
+        }
+        if self.data_errors == 0 && self.io_errors == 0 {
+            let _ = writeln!(
+                s,
+                "  data       every completed read held the expected disk data"
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "  data       {} read(s) with wrong data, {} request(s) failed",
+                self.data_errors, self.io_errors
+            );
+        }
+        for x in &self.samples {
+            let _ = writeln!(s, "             {x}");
+        }
+        let _ = writeln!(
+            s,
+            "  compared   {} guest pages byte for byte: {} lost ({} never marked, {} marked too late; {} data, {} status, {} used ring)",
+            group(self.ram_pages),
+            self.lost_pages,
+            self.lost_unmarked,
+            self.lost_late,
+            self.lost_data,
+            self.lost_status,
+            self.lost_used_ring
+        );
+        for l in &self.lost_samples {
+            let _ = writeln!(
+                s,
+                "             lost page GPA {} ({}{})",
+                l.gpa,
+                l.kind,
+                if l.marked_late {
+                    ", marked after the final sync"
+                } else {
+                    ", never marked"
+                }
+            );
+        }
+        let _ = write!(s, "  result     {}", self.verdict);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(1234567), "1,234,567");
+        assert_eq!(group(100), "100");
+        assert_eq!(size(64 << 20), "64 MiB");
+        assert_eq!(size(2 << 30), "2 GiB");
+        assert_eq!(size(4096), "4 KiB");
+    }
+}
