@@ -717,7 +717,9 @@ fn growth_while_syncing_loses_no_page() {
 /// switch (marks landing in the old log after it) or a dropped old log shows as lost pages.
 #[test]
 fn log_resize_with_old_log_drain_loses_no_page() {
-    let (small, large) = (1u64 << 20, 3u64 << 20);
+    // Large enough that the writers (fast in release builds, and possibly alone on the CPUs
+    // for a whole scheduler tick) are still inside the old log when the switch happens.
+    let (small, large) = (1u64 << 22, 3u64 << 22);
     let old = SharedLog::new(small * LOG_PAGE_SIZE).unwrap();
     let dlog = DirtyLog::new();
     dlog.replace_region(Some(old.region().clone()));
@@ -735,13 +737,14 @@ fn log_resize_with_old_log_drain_loses_no_page() {
         Pages::Consecutive { next, .. } => next.load(Ordering::Relaxed),
         Pages::Scattered { .. } => unreachable!(),
     };
+    // 1-2. a larger log, and room for it in the bitmap (prepared up front, so that the switch
+    // below happens while the writers are still busy in the old log, even in release builds).
+    let new = SharedLog::new(large * LOG_PAGE_SIZE).unwrap();
+    assert_eq!(bm.grow(new.guest_pages()).unwrap(), small);
     // Switch while the writers are busy in the old log.
     while progress() < small / 8 {
         bm.sync_from_log(&old, 0);
     }
-    // 1-2. a larger log, and room for it in the bitmap.
-    let new = SharedLog::new(large * LOG_PAGE_SIZE).unwrap();
-    assert_eq!(bm.grow(new.guest_pages()).unwrap(), small);
     // 3. SET_LOG_BASE: the backend switches and replies once no mark still targets `old`.
     //    Writers keep marking (below `small`) into whichever log is current.
     let retired = dlog.replace_region(Some(new.region().clone())).unwrap();
