@@ -14,6 +14,7 @@
 //! | `SET_LOG_BASE` | maps the fd, calls `MemRegionBitmap::new` per region, then `replace` | the log is validated (length recovered and every page proven backed, coverage of each region checked) and swapped in as the handle's current log; a *second* `SET_LOG_BASE` swaps again and returns only after every mark still writing into the old log has finished (grace period), so the frontend can drain the old log as soon as it has the reply |
 //! | `SET_MEM_TABLE` / `ADD_MEM_REGION` | maps the regions with bitmaps from `NewBitmap::with_len` (unbound, and in the stock crate *unlogged*), publishes the memory, then calls `update_memory` | every region of the new memory is bound to the log at its guest-physical address in `update_memory`; a write that lands in a region between publication and binding raises the region's flag, and binding marks the whole region (SeqCst handshake, see [`crate::log`]'s bitmap docs) |
 //! | `REM_MEM_REGION` | drops the region | nothing: marks already made stay in the log |
+//! | a region whose fd is shorter than the region | maps it anyway (vm-memory does not check), the first access raises `SIGBUS` | `update_memory` `fstat`s every file-backed region, puts the previous memory table back and fails the message |
 //! | `GET_VRING_BASE` | stops the ring, calls `stop_vring` | delegated; the device completes (and, through the bitmap, marks) in-flight requests before returning, so the reply follows the last mark |
 //!
 //! **LOG_ALL racing a write.** The mark path reads the logging flag with a relaxed load (the
@@ -26,6 +27,7 @@
 
 use std::fs::File;
 use std::io::Result;
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -33,11 +35,52 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Backend, GpuBackend};
 use vhost_user_backend::VhostUserBackend;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::log::{DirtyLog, GuestDirtyBitmap};
+
+/// Checks that every file-backed region has file behind all of its pages.
+///
+/// vm-memory maps a region's fd without comparing the file's length with the region's, so a
+/// frontend that sends a memfd shorter than `memory_size` would make the first access to the
+/// missing part (a vring read in the stock handler, a device write) raise `SIGBUS` and kill
+/// the backend. Regular files and memfds report their length in `fstat`; other kinds (devices,
+/// hugetlbfs pipes) are left to the kernel.
+fn check_backed(mem: &GuestMemoryMmap<GuestDirtyBitmap>) -> Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let need = fo.start().checked_add(region.len()).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "region offset + size overflows",
+            )
+        })?;
+        if meta.len() < need {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region at GPA {:#x} needs {need:#x} bytes of its fd (offset {:#x} + size {:#x}) but the file has {:#x}",
+                    region.start_addr().raw_value(),
+                    fo.start(),
+                    region.len(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// `VHOST_F_LOG_ALL`: the frontend wants every guest write logged.
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
@@ -64,6 +107,8 @@ pub type DirtyGuestMemory = GuestMemoryAtomic<GuestMemoryMmap<GuestDirtyBitmap>>
 pub struct DirtyLogBackend<T> {
     inner: T,
     log: DirtyLog,
+    /// The last memory table that passed [`check_backed`], put back if a new one fails.
+    last_good: Arc<Mutex<Option<GuestMemoryMmap<GuestDirtyBitmap>>>>,
 }
 
 impl<T> DirtyLogBackend<T> {
@@ -75,7 +120,11 @@ impl<T> DirtyLogBackend<T> {
     /// Wraps `inner`, marking through `log` (share it with the device for explicit marks of
     /// writes that bypass vm-memory).
     pub fn with_log(inner: T, log: DirtyLog) -> Self {
-        DirtyLogBackend { inner, log }
+        DirtyLogBackend {
+            inner,
+            log,
+            last_good: Arc::default(),
+        }
     }
 
     /// The log handle the adapter attaches and switches.
@@ -137,7 +186,23 @@ where
     }
 
     fn update_memory(&self, mem: DirtyGuestMemory) -> Result<()> {
-        GuestDirtyBitmap::bind_memory(&mem.memory(), &self.log);
+        let current = mem.memory();
+        if let Err(e) = check_backed(&current) {
+            // The stock handler has already published this table: put the last good one back
+            // before anyone touches the unbacked pages, and fail the message.
+            log::error!("refusing memory table: {e}");
+            let prev = self
+                .last_good
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            mem.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(prev.unwrap_or_default());
+            return Err(e);
+        }
+        GuestDirtyBitmap::bind_memory(&current, &self.log);
+        *self.last_good.lock().unwrap_or_else(|p| p.into_inner()) = Some((*current).clone());
         self.inner.update_memory(mem)
     }
 
