@@ -110,12 +110,20 @@ fn blk_daemon_serves_again_after_disconnect() {
             .is_ok());
         // Dropping the connection disconnects without GET_VRING_BASE, like a crashed VMM.
     }
+    let mut fds = Vec::new();
     for round in 0..3 {
         let mut vm = Vm::new(d.connect(), 2);
         assert!(vm.queues[0]
             .read(512, &[(DATA_BASE + 0x10000, 4096)], T)
             .unwrap()
             .is_ok());
+        // Same point of every session: the daemon's open fds must not grow per connection
+        // (vhost-user-backend leaks each worker's exit eventfd unless the device reclaims it).
+        fds.push(
+            std::fs::read_dir(format!("/proc/{}/fd", d.child.id()))
+                .unwrap()
+                .count(),
+        );
         assert_eq!(
             vm.ram.read_vec(DATA_BASE + 0x10000, 4096).unwrap(),
             pattern,
@@ -131,6 +139,7 @@ fn blk_daemon_serves_again_after_disconnect() {
         vm.conn.stop_queue(0).unwrap();
         vm.conn.stop_queue(1).unwrap();
     }
+    assert_eq!(fds[0], fds[2], "daemon fds per session: {fds:?}");
     d.assert_alive();
 }
 

@@ -99,6 +99,7 @@ impl BlkServer {
     pub fn serve_one(&self, listener: &mut Listener) -> Result<(), ServeError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = BlkDevice::into_backend(self.disk.clone(), self.config.clone(), mem.clone())?;
+        let device = backend.inner().clone();
         #[cfg(feature = "test-drop-marks")]
         if self.drop_marks {
             backend.log().suppress_logging_for_tests();
@@ -118,6 +119,7 @@ impl BlkServer {
         }
         // Dropping the daemon signals the worker threads and joins them.
         drop(daemon);
+        device.reclaim_exit_fds();
         if let Err(e) = self.disk.flush() {
             log::warn!("flush after disconnect failed: {e}");
         }

@@ -158,6 +158,10 @@ struct Inner {
     acked_features: AtomicU64,
     /// One quiesce lock per queue; the worker holds it while it processes the ring.
     queues: Vec<Mutex<QueueStats>>,
+    /// Exit-event fds handed to vhost-user-backend, which takes them with `into_raw_fd()` and
+    /// never closes them (0.24); [`BlkDevice::reclaim_exit_fds`] closes them after the daemon
+    /// is gone, so a long-running daemon does not leak one fd per worker per connection.
+    exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
 /// The vhost-user-blk device (wrap it in [`DirtyLogBackend`] to serve it; see [`BlkDevice::into_backend`]).
@@ -201,6 +205,7 @@ impl BlkDevice {
                 writeback: AtomicBool::new(true),
                 acked_features: AtomicU64::new(0),
                 queues,
+                exit_fds: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -271,6 +276,29 @@ impl BlkDevice {
     /// The disk being served.
     pub fn disk(&self) -> &Arc<Disk> {
         &self.inner.disk
+    }
+
+    /// Closes the worker exit-event fds vhost-user-backend leaked. Call only after the
+    /// `VhostUserDaemon` serving this device has been dropped (its workers joined, their epoll
+    /// sets closed): then nothing refers to these fds any more.
+    pub fn reclaim_exit_fds(&self) {
+        let fds = std::mem::take(
+            &mut *self
+                .inner
+                .exit_fds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for fd in fds {
+            // Only close what is still the eventfd we created (defensive: never another fd).
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            if link.is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]") {
+                // SAFETY: vhost-user-backend took this fd with `into_raw_fd()`, registered it in
+                // a worker's epoll set and never closes it; the daemon (and so the worker and
+                // its epoll set) is gone, so this is the only owner and the only close.
+                drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            }
+        }
     }
 
     fn process_queue(
@@ -483,7 +511,15 @@ impl VhostUserBackend for BlkDevice {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                use std::os::fd::AsRawFd;
+                self.inner
+                    .exit_fds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("cannot create worker exit event: {e}");
                 None
