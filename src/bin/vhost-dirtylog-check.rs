@@ -156,11 +156,11 @@ struct Args {
     bench: bool,
 
     /// Length of one --bench phase.
-    #[arg(long, value_name = "TIME", default_value = "200ms", value_parser = parse_duration)]
+    #[arg(long, value_name = "TIME", default_value = "50ms", value_parser = parse_duration)]
     bench_phase: Duration,
 
     /// Number of --bench phases (a multiple of 4: off, on, on, off, ...).
-    #[arg(long, value_name = "N", default_value_t = 40)]
+    #[arg(long, value_name = "N", default_value_t = 200)]
     bench_phases: u32,
 
     /// Write an image of --disk-span bytes holding the pattern for --seed to PATH and exit

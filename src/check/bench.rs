@@ -3,12 +3,13 @@
 //! Fixed-depth 4 KiB random reads into page-aligned buffers (the case where a per-request mark
 //! weighs most against the data copy), with the log attached throughout and `LOG_ALL`
 //! switched off and on in short alternating phases. The disk span is written first (when the
-//! device is writable), so every read hits the same warm page cache. Phases run in groups of
-//! four, off, on, on, off, so a linear drift (CPU frequency, other load) affects both sides of
-//! a group equally. The report gives the totals of all "off" and all "on" phases and, more
-//! robust against bursts of outside load, the median of the per-group overheads. During "on"
-//! phases the VMM thread syncs the log every round interval, as it would while migrating, so
-//! the backend also pays for marking bits that were just cleared.
+//! device is writable), so every read hits the same warm page cache. Phases are short (50 ms)
+//! and run in groups of four, off, on, on, off, so drift and bursts of outside load (CPU
+//! frequency, other processes on a shared machine) affect both sides of a group about equally.
+//! The report gives the totals of all "off" and all "on" phases and, more robust against
+//! outside load, the median of the per-group overheads. During "on" phases the VMM thread syncs
+//! the log every round interval, as it would while migrating, so the backend also pays for
+//! marking bits that were just cleared.
 
 use std::time::{Duration, Instant};
 
@@ -30,8 +31,8 @@ pub struct BenchOptions {
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
-            phase: Duration::from_millis(200),
-            phases: 40,
+            phase: Duration::from_millis(50),
+            phases: 200,
             warmup: Duration::from_secs(1),
         }
     }

@@ -12,7 +12,10 @@
 //!
 //! ## What a run does
 //! 1. **Guest memory and rings.** memfd RAM in several regions with holes
-//!    ([`CheckOptions::layout`]), handed over with `SET_MEM_TABLE`; `N` virtqueues started.
+//!    ([`CheckOptions::layout`]), handed over with `SET_MEM_TABLE`; `N` virtqueues started,
+//!    each used ring placed so that its `avail_event` field starts a page of its own
+//!    ([`CheckOptions::isolate_avail_event`]): a backend that forgets to log that one field is
+//!    caught instead of hiding behind the logged used-index update on the same page.
 //!    Features are negotiated as a VMM would; a backend that offers no `VHOST_F_LOG_ALL` or no
 //!    `VHOST_USER_PROTOCOL_F_LOG_SHMFD` cannot be migrated at all, which is reported as such
 //!    ([`CheckError::Unsupported`], exit status 3).
