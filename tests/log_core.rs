@@ -103,6 +103,33 @@ fn logging_off_marks_nothing() {
     assert_eq!(region.count_set(), 1);
 }
 
+/// QEMU starts a device during migration with LOG_ALL and the rings before SET_LOG_BASE: a
+/// write in that window cannot be recorded, so the next log gets every page marked.
+#[test]
+fn writes_before_the_log_arrives_dirty_the_whole_next_log() {
+    let log = DirtyLog::new();
+    log.set_logging(true);
+    log.mark(3 * PAGE, 1);
+    assert_eq!(log.stats().marks_without_log, 1);
+    let region = Arc::new(LogRegion::anonymous(16).unwrap());
+    log.replace_region(Some(region.clone()));
+    assert_eq!(
+        region.count_set(),
+        128,
+        "every page of the new log must be dirty"
+    );
+    // Only once: a later log starts clean.
+    let next = Arc::new(LogRegion::anonymous(16).unwrap());
+    log.replace_region(Some(next.clone()));
+    assert_eq!(next.count_set(), 0);
+    // Without unlogged writes, attaching marks nothing.
+    let quiet = DirtyLog::new();
+    quiet.set_logging(true);
+    let r = Arc::new(LogRegion::anonymous(16).unwrap());
+    quiet.replace_region(Some(r.clone()));
+    assert_eq!(r.count_set(), 0);
+}
+
 #[test]
 fn marks_without_log_are_counted() {
     let log = DirtyLog::new();

@@ -27,6 +27,8 @@ struct Shared {
     out_of_range_marks: AtomicU64,
     /// Marks made while logging was on but no log was attached.
     marks_without_log: AtomicU64,
+    /// Set by such a mark: the next attached log gets every page marked (see `no_log`).
+    unlogged_writes: AtomicBool,
     warned_range: AtomicBool,
     warned_nolog: AtomicBool,
 }
@@ -125,7 +127,7 @@ impl DirtyLog {
             unsafe { p.as_ref() }.map(|r| r.mark_pages(first_page, last_page) + overflow)
         });
         let Some(dropped) = dropped else {
-            self.no_log();
+            self.no_log(first_page, last_page);
             return;
         };
         if dropped != 0 {
@@ -147,14 +149,29 @@ impl DirtyLog {
         }
     }
 
+    /// A write while logging is on but no log is attached. QEMU does this on a device start
+    /// during migration: `SET_FEATURES` (LOG_ALL) and the rings come before `SET_LOG_BASE`.
+    /// The write cannot be recorded, so it is remembered as "something unlogged happened" and
+    /// the next log attached gets *every* page marked: the VMM resends all memory once rather
+    /// than miss one page. Store-buffer handshake with `replace_region`: we set the flag, then
+    /// look for a log again; it publishes the log, then reads the flag (both SeqCst), so either
+    /// we find the new log and mark precisely, or it sees the flag.
     #[cold]
     #[inline(never)]
-    fn no_log(&self) {
+    fn no_log(&self, first_page: u64, last_page: u64) {
         let s = &self.shared;
         s.marks_without_log.fetch_add(1, Ordering::Relaxed);
+        s.unlogged_writes.store(true, Ordering::SeqCst);
+        rcu::read(|| {
+            let p = s.current.load(Ordering::SeqCst);
+            // SAFETY: as in `mark_on`: a published pointer is live for this read section.
+            if let Some(r) = unsafe { p.as_ref() } {
+                r.mark_pages(first_page, last_page);
+            }
+        });
         if !s.warned_nolog.swap(true, Ordering::Relaxed) {
             log::warn!(
-                "dirty log: logging is on but no log is attached; marks are counted, not recorded"
+                "dirty log: logging is on but no log is attached; the next log will have every page marked"
             );
         }
     }
@@ -202,6 +219,17 @@ impl DirtyLog {
         let _w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
         let new = region.map_or(ptr::null_mut(), |r| Arc::into_raw(r) as *mut LogRegion);
         let old = self.shared.current.swap(new, Ordering::SeqCst);
+        // SAFETY: `new` came from `Arc::into_raw` just above and we still own that reference
+        // (it is published, and only a later replacement under `writer` takes it back).
+        if let Some(r) = unsafe { new.as_ref() } {
+            if self.shared.unlogged_writes.swap(false, Ordering::SeqCst) {
+                log::warn!(
+                    "dirty log: writes happened with logging on and no log; marking all {} pages of the new log",
+                    r.pages()
+                );
+                r.mark_pages(0, r.pages() - 1);
+            }
+        }
         if old.is_null() {
             return None;
         }

@@ -229,6 +229,8 @@ struct State {
     fetch: Option<PendingFetch>,
     reached: Reached,
     lost: bool,
+    /// A mark was made with logging on and no log: the next attached log is all dirty.
+    unlogged: bool,
 }
 
 /// The outcome `LogRegion::from_fd` must have, from the documented rules.
@@ -280,6 +282,7 @@ impl State {
             fetch: None,
             reached: Reached::default(),
             lost: false,
+            unlogged: false,
         }
     }
 
@@ -385,6 +388,12 @@ impl State {
             vmm,
         });
         self.current = Some((self.logs.len() - 1, region));
+        if std::mem::take(&mut self.unlogged) {
+            let log = &self.logs[self.logs.len() - 1];
+            let (first, last) = (log.bit(0), log.bit(log.pages() - 1));
+            super::set_bits(&mut self.files[f].model, first, last);
+            self.reached.hit("attach-after-unlogged-writes");
+        }
         self.reached.hit("attach");
         if size % 8 != 0 {
             self.reached.hit("attach-tail");
@@ -418,6 +427,7 @@ impl State {
             match &self.current {
                 None => {
                     self.stats.marks_without_log += 1;
+                    self.unlogged = true;
                     self.reached.hit("mark-without-log");
                 }
                 Some((i, _)) => {
