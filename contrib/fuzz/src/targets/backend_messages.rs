@@ -341,10 +341,8 @@ impl VhostUserBackend for NullDevice {
 fn reclaim_exit_fd(fd: RawFd) {
     let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
     if link.is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]") {
-        // SAFETY: vhost-user-backend took this fd out of its owner with `into_raw_fd()`,
-        // registered it in the worker's epoll set and never closes it; the worker has been
-        // joined and its epoll fd closed (the daemon and handler were dropped), so nothing
-        // refers to it any more and this is the only close.
+        // SAFETY: vhost-user-backend took this fd with `into_raw_fd()` and never closes it;
+        // the daemon, its workers and their epoll sets are gone: this is the only close.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
 }
