@@ -15,19 +15,7 @@ use std::time::Duration;
 use vhost::vhost_user::Listener;
 use vhost_dirtylog::blk::daemon::{BlkOptions, BlkServer};
 use vhost_dirtylog::blk::BlkConfig;
-use vhost_dirtylog::check::{self, CheckOptions, Fault};
-
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+use vhost_dirtylog::check::{self, group, CheckOptions, Fault};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. The backend: our daemon, in this process, on a generated (sparse) image.

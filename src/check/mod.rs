@@ -81,7 +81,7 @@ use std::time::Duration;
 pub use bench::{bench, BenchOptions, BenchPhase, BenchReport};
 pub use dest::VmmStats;
 pub use plan::{default_layout, parse_duration, parse_layout, parse_size};
-pub use report::{BackendInfo, FaultRecord, LostPage, Report, StopStats};
+pub use report::{group, BackendInfo, FaultRecord, LostPage, Report, StopStats};
 pub use session::run;
 
 use crate::driver::{DriverError, RegionSpec};

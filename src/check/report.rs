@@ -142,7 +142,8 @@ pub struct Report {
     pub exit_code: i32,
 }
 
-fn group(n: u64) -> String {
+/// `n` with thousands separators (`1234567` -> `"1,234,567"`), as the reports print counts.
+pub fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
