@@ -7,6 +7,12 @@
 //! - the **memory-scan limit**: one relaxed load of every log word, summed. No merge can read
 //!   the log faster, so `sync/scan` is how much the merge costs beyond reading.
 //!
+//! It also times the **swap floor**: only the `swap(0, Acquire)` of each non-zero log word,
+//! with the word indices known in advance (no scan, no bitmap). DESIGN.md invariant 3 makes
+//! one atomic swap per dirty word the price of a lossless clear, so `(scan + swaps) / scan` is
+//! the best ratio any conforming sync can reach on this machine, and `sync / (scan + swaps)`
+//! is how far ours is from it.
+//!
 //! and aligned vs unaligned `merge_lebitmap` (the shift path).
 //!
 //! Densities are fractions of dirty pages, in two shapes: *scattered* (every page dirty
@@ -107,6 +113,13 @@ fn scan(log: &[AtomicU64]) -> u64 {
         .fold(0u64, |acc, w| acc.wrapping_add(w.load(Ordering::Relaxed)))
 }
 
+/// The swap floor: one Acquire swap per non-zero word, indices given.
+fn swaps(log: &[AtomicU64], dirty: &[u32]) -> u64 {
+    dirty.iter().fold(0u64, |acc, &i| {
+        acc.wrapping_add(log[i as usize].swap(0, Ordering::Acquire))
+    })
+}
+
 /// Pre-2010 QEMU: one page at a time.
 fn per_bit(log: &[AtomicU64], bitmap: &[AtomicU64]) -> u64 {
     let mut n = 0;
@@ -163,28 +176,41 @@ fn sync_benches(c: &mut Criterion) {
 
     println!("\n== sync: 64 GiB guest, 16 Mi pages, 2 MiB log; medians of {REPS} ==");
     println!("   targets: sync/scan <= 1.5x at <= 1% density; per-bit/sync >= 20x at 10%");
+    println!(
+        "   floor = scan + one swap per non-zero word (invariant 3): the best any sync can do"
+    );
     for shape in [Shape::Scattered, Shape::Clustered] {
         for density in DENSITIES {
             if density >= 1.0 && matches!(shape, Shape::Clustered) {
                 continue; // same log as scattered 100%
             }
             let pat = pattern(density, shape);
-            let nonzero = pat.iter().filter(|w| **w != 0).count() as f64 / WORDS as f64;
+            let dirty: Vec<u32> = (0..WORDS as u32)
+                .filter(|&i| pat[i as usize] != 0)
+                .collect();
+            let nonzero = dirty.len() as f64 / WORDS as f64;
             let label = format!("{} {}%", shape.name(), density * 100.0);
 
-            let [t_sync, t_scan, t_bit] = medians(
+            let [t_sync, t_scan, t_bit, t_swaps] = medians(
                 || refill(words, &pat),
-                [&|| bm.sync_from_log(&log, 0), &|| scan(words), &|| {
-                    per_bit(words, &flat)
-                }],
+                [
+                    &|| bm.sync_from_log(&log, 0),
+                    &|| scan(words),
+                    &|| per_bit(words, &flat),
+                    &|| swaps(words, &dirty),
+                ],
             );
+            let floor = t_scan + t_swaps;
             println!(
-                "{label:>24} ({:5.1}% words non-zero): sync {:>10}  scan {:>10}  per-bit {:>10} | sync/scan = {:.2}x, per-bit/sync = {:.1}x",
+                "{label:>24} ({:5.1}% words non-zero): sync {:>10}  scan {:>10}  per-bit {:>10}  floor {:>10} | sync/scan = {:.2}x (floor/scan = {:.2}x, sync/floor = {:.2}x), per-bit/sync = {:.1}x",
                 nonzero * 100.0,
                 fmt(t_sync),
                 fmt(t_scan),
                 fmt(t_bit),
+                fmt(floor),
                 ratio(t_sync, t_scan),
+                ratio(floor, t_scan),
+                ratio(t_sync, floor),
                 ratio(t_bit, t_sync),
             );
 

@@ -24,31 +24,40 @@
 //! page count of the table it loaded, and blocks are born zeroed.
 //!
 //! ## Merges
-//! All merges share one word loop (`merge_core`). It first checks groups of 8 source words
-//! with plain loads ORed together, so a clean stretch of log costs about what reading it costs
-//! (most of a sparse log is clean). For each word of a dirty group it asks the source for the
-//! bits it *consumes* (a plain read for [`merge_lebitmap`](MigrationBitmap::merge_lebitmap), an
-//! atomic swap for [`sync_from_log`](MigrationBitmap::sync_from_log), a read that is remembered
-//! for [`fetch_log`](MigrationBitmap::fetch_log)), and ORs them into the bitmap with one
-//! `fetch_or` per word, counting newly dirty pages as `popcount(new & !old)`. When the
-//! destination page is a multiple of 64 (the common case: the log and the bitmap are both indexed
-//! from guest-physical 0) source word `i` lands on bitmap word `start / 64 + i` as is. Otherwise
-//! each bitmap word is `src[i] << off | src[i - 1] >> (64 - off)`, the second half carried along
-//! the loop (and flushed before a skipped group): still one load and at most one RMW per word,
-//! never a loop over bits.
+//! All merges share one word loop (`merge_core`). It reads the source 64 words at a time: the
+//! words of a chunk are ORed together with plain loads, eight at a time, so a clean stretch of
+//! log costs about what reading it costs (most of a sparse log is clean); a dirty chunk gets a
+//! mask of its non-zero words, which the loop walks with `trailing_zeros`, so the branch
+//! predictor never has to guess which words of a sparse log are dirty. For each dirty word it
+//! asks the source for the bits it *consumes* (a plain read for
+//! [`merge_lebitmap`](MigrationBitmap::merge_lebitmap), an atomic swap for
+//! [`sync_from_log`](MigrationBitmap::sync_from_log), a read that is remembered for
+//! [`fetch_log`](MigrationBitmap::fetch_log)), ORs them into the bitmap and counts newly dirty
+//! pages as `popcount(new & !old)`. The loop looks two chunks ahead, so the bitmap lines a
+//! dirty chunk will be ORed into are prefetched while the chunks before it are merged. When the
+//! destination page is a multiple of 64 (the common case: the log and the bitmap are both
+//! indexed from guest-physical 0) source word `i` lands on bitmap word `start / 64 + i` as is,
+//! in one pass. Otherwise each bitmap word is `src[i] << off | src[i - 1] >> (64 - off)`: the
+//! chunk's dirty words are taken first, then the bitmap words they touch are assembled, the
+//! top bits of a chunk's last word carried into the next chunk. Still one read of the source
+//! and one store per bitmap word, never a loop over bits.
 //!
-//! What a dirty word costs is its two atomic RMWs (the log swap and the bitmap OR), and neither
-//! can go: the swap is what makes clearing lossless (DESIGN.md invariant 3), and the OR must be
-//! atomic because other threads take bits from the bitmap concurrently. So the merge runs at
-//! the speed of reading the log while dirty words are rare, and at roughly one pair of RMWs per
-//! dirty word otherwise (`benches/merge.rs` measures both against a plain scan of the log).
+//! ## What a dirty word costs
+//! One locked instruction: the Acquire swap that takes it out of the log, which cannot go (the
+//! backend ORs into the log concurrently, and the swap is what makes clearing lossless:
+//! DESIGN.md invariant 3). The OR into the bitmap is a plain load and store, because every
+//! writer of the bitmap holds its writer lock (see `Writer`; QEMU's
+//! `cpu_physical_memory_sync_dirty_bitmap` does the same under `bitmap_mutex`), which halves the
+//! locked instructions of a dense sync. `benches/merge.rs` measures the sync against a plain
+//! scan of the log and against the *swap floor* (the scan plus one swap per dirty word, the
+//! least any sync that keeps invariant 3 can cost).
 //!
 //! Sources are clamped, never trusted: bits past `npages`, past the source, or mapping past the
 //! end of the bitmap are neither merged nor (for the log) cleared.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
 
@@ -112,6 +121,193 @@ fn low_bits(n: u64) -> u64 {
     }
 }
 
+/// Calls `f(word, mask)` for every bitmap word overlapping pages `[first, end)` (`first < end`),
+/// `mask` selecting the range's bits in it.
+#[inline(always)]
+fn for_masks(first: u64, end: u64, mut f: impl FnMut(u64, u64)) {
+    let (w0, w1, m0, m1) = word_span(first, end);
+    for w in w0..=w1 {
+        let mut mask = !0u64;
+        if w == w0 {
+            mask &= m0;
+        }
+        if w == w1 {
+            mask &= m1;
+        }
+        f(w, mask);
+    }
+}
+
+/// Exclusive write access to the bitmap's words, one block at a time.
+///
+/// Every operation that changes bits (the merges, [`MigrationBitmap::set_range`],
+/// [`MigrationBitmap::test_and_clear`]) goes through a `Writer`. It takes the bitmap's writer
+/// lock when it first touches a block and lets go of it when it moves to another block, so a
+/// sync of a large guest holds off a concurrent `test_and_clear` for at most one block's worth
+/// of words (4096), and never takes the lock for a stretch of clean log.
+///
+/// Under the lock a word is updated with a plain load and store instead of a locked RMW: QEMU's
+/// `cpu_physical_memory_sync_dirty_bitmap` ORs into the migration bitmap the same way, under
+/// `bitmap_mutex`. That leaves one locked instruction per dirty log word (the log swap, which
+/// must stay: the backend writes the log concurrently), half of what an atomic OR costs on top.
+/// Readers do not lock: each word changes by a single store, so a reader sees the word before
+/// or after it.
+struct Writer<'a> {
+    t: &'a Table,
+    lock: &'a Mutex<()>,
+    guard: Option<MutexGuard<'a, ()>>,
+    /// Index of the block the lock is held for (`usize::MAX`: none yet) and its words.
+    block: usize,
+    words: &'a [AtomicU64],
+}
+
+impl<'a> Writer<'a> {
+    fn new(t: &'a Table, lock: &'a Mutex<()>) -> Self {
+        Writer {
+            t,
+            lock,
+            guard: None,
+            block: usize::MAX,
+            words: &[],
+        }
+    }
+
+    /// Bitmap word `w` (below `t.pages.div_ceil(64)`: callers clamp), locked for writing.
+    #[inline(always)]
+    fn word(&mut self, w: u64) -> &'a AtomicU64 {
+        let b = (w >> BLOCK_WORD_SHIFT) as usize;
+        if b != self.block {
+            self.enter(b);
+        }
+        &self.words[w as usize & (BLOCK_WORDS - 1)]
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn enter(&mut self, b: usize) {
+        // Release before re-taking, so a waiting `test_and_clear` can get in between blocks.
+        self.guard = None;
+        // A panic cannot leave a word half-written (every update is one store): a poisoned
+        // lock is as good as a clean one.
+        self.guard = Some(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+        self.block = b;
+        self.words = &self.t.blocks[b][..];
+    }
+
+    /// ORs `v` into word `w` and returns how many of its bits were newly set. The store is
+    /// Release (free on x86), so even a reader that skips the lock and loads with Acquire sees
+    /// what the caller acquired from the log.
+    #[inline(always)]
+    fn or(&mut self, w: u64, v: u64) -> u64 {
+        or_word(self.word(w), v)
+    }
+
+    /// Bitmap words `first..first + len`, locked for writing, if they lie in one block (all
+    /// inside the bitmap: callers clamp).
+    #[inline(always)]
+    fn span(&mut self, first: u64, len: usize) -> Option<&'a [AtomicU64]> {
+        let at = first as usize & (BLOCK_WORDS - 1);
+        if at + len > BLOCK_WORDS {
+            return None;
+        }
+        self.word(first);
+        Some(&self.words[at..at + len])
+    }
+
+    /// ORs `vals[k]` into bitmap word `first + k` for every bit `k` of `mask` (all inside the
+    /// bitmap) and returns how many bits were newly set: [`or`](Self::or) for a chunk, with the
+    /// block lookup and the lock check done once per block instead of once per word.
+    #[inline(always)]
+    fn or_chunk(&mut self, first: u64, vals: &[u64; CHUNK], mut mask: u64) -> u64 {
+        let mut newly = 0;
+        while mask != 0 {
+            let at = first + mask.trailing_zeros() as u64;
+            self.word(at);
+            // The part of the chunk inside the block of `at`.
+            let block_first = at & !(BLOCK_WORDS as u64 - 1);
+            let room = block_first + BLOCK_WORDS as u64 - first;
+            let part = mask & low_bits(room);
+            mask &= !part;
+            let words = self.words;
+            let or_one =
+                |k: usize, v: u64| or_word(&words[(first + k as u64 - block_first) as usize], v);
+            if part == !0 {
+                newly += vals
+                    .iter()
+                    .enumerate()
+                    .map(|(k, v)| or_one(k, *v))
+                    .sum::<u64>();
+            } else {
+                let mut m = part;
+                while m != 0 {
+                    let k = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    newly += or_one(k, vals[k]);
+                }
+            }
+        }
+        newly
+    }
+
+    /// Clears `mask`'s bits of word `w` and returns those that were set.
+    #[inline(always)]
+    fn take(&mut self, w: u64, mask: u64) -> u64 {
+        let word = self.word(w);
+        let old = word.load(Ordering::Relaxed);
+        let taken = old & mask;
+        if taken != 0 {
+            word.store(old & !mask, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// ORs `bits` (bit `i` = page `page + i`, all inside the bitmap) into the bitmap.
+    #[inline]
+    fn or_bits(&mut self, page: u64, bits: u64) -> u64 {
+        let (w, off) = (page / 64, (page % 64) as u32);
+        let lo = bits << off;
+        let hi = spill(bits, off);
+        let mut newly = 0;
+        if lo != 0 {
+            newly += self.or(w, lo);
+        }
+        if hi != 0 {
+            newly += self.or(w + 1, hi);
+        }
+        newly
+    }
+}
+
+/// ORs `v` into a bitmap word the caller holds the writer lock for, with a plain load and a
+/// Release store, and returns how many of `v`'s bits were newly set.
+#[inline(always)]
+fn or_word(word: &AtomicU64, v: u64) -> u64 {
+    let old = word.load(Ordering::Relaxed);
+    word.store(old | v, Ordering::Release);
+    (v & !old).count_ones() as u64
+}
+
+/// Asks the CPU to bring `word`'s cache line close, for writing. No-op off x86-64.
+#[inline(always)]
+fn prefetch_write(word: &AtomicU64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHW/PREFETCHT0 only hint the cache: they never fault, read or write
+    // program-visible memory, and SSE (which `_mm_prefetch` needs) is part of x86-64. The
+    // pointer comes from a live reference.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+        _mm_prefetch::<_MM_HINT_ET0>(word.as_ptr() as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = word;
+}
+
+/// The bits of `v << off` that fall into the next word (`0` when `off == 0`).
+#[inline(always)]
+fn spill(v: u64, off: u32) -> u64 {
+    ((u128::from(v) << off) >> 64) as u64
+}
+
 impl Table {
     fn empty() -> Self {
         Table {
@@ -126,28 +322,20 @@ impl Table {
         &self.blocks[(w >> BLOCK_WORD_SHIFT) as usize][w as usize & (BLOCK_WORDS - 1)]
     }
 
-    /// ORs `v` into word `w` (Release: publishes what the caller acquired from the log) and
-    /// returns how many of its bits were newly set.
+    /// Prefetches, for writing, the cache lines of bitmap words `first + k` for the bits `k`
+    /// of `mask` (one prefetch per group of 8 words). A hint only: no lock, no effect on
+    /// correctness; words past the bitmap are skipped.
     #[inline(always)]
-    fn or_word(&self, w: u64, v: u64) -> u64 {
-        let old = self.word(w).fetch_or(v, Ordering::Release);
-        (v & !old).count_ones() as u64
-    }
-
-    /// ORs `bits` (bit `i` = page `page + i`, all inside the bitmap) into the bitmap.
-    #[inline]
-    fn or_bits(&self, page: u64, bits: u64) -> u64 {
-        let (w, off) = (page / 64, (page % 64) as u32);
-        let lo = bits << off;
-        let hi = if off == 0 { 0 } else { bits >> (64 - off) };
-        let mut newly = 0;
-        if lo != 0 {
-            newly += self.or_word(w, lo);
+    fn prefetch(&self, first: u64, mut mask: u64) {
+        let limit = self.blocks.len() as u64 * BLOCK_WORDS as u64;
+        while mask != 0 {
+            let k = mask.trailing_zeros() as u64;
+            mask &= !low_bits((k | 7) + 1);
+            let w = first + k;
+            if w < limit {
+                prefetch_write(self.word(w));
+            }
         }
-        if hi != 0 {
-            newly += self.or_word(w + 1, hi);
-        }
-        newly
     }
 
     /// `[first, first + npages)` clamped to the bitmap, or `None` if that is empty.
@@ -190,85 +378,154 @@ impl Table {
     }
 }
 
-/// Source words examined per zero check: a group of clean words costs `GROUP` plain loads ORed
-/// together and one predictable branch, close to the cost of merely reading the log.
-const GROUP: usize = 8;
+/// Source words examined at a time: a clean chunk costs `CHUNK` plain loads ORed together and
+/// one well-predicted branch, close to the cost of merely reading the log; a dirty one gets a
+/// mask of its non-zero words, which the loop visits with `trailing_zeros`, so the branch
+/// predictor never has to guess which words of a sparse log are dirty.
+const CHUNK: usize = 64;
+
+/// How many chunks ahead `merge_core` looks for dirty words and prefetches their bitmap lines.
+const AHEAD: usize = 2;
 
 /// The word loop every merge uses (see the module docs).
 ///
-/// `clean(i)` tells, without consuming anything, whether source words `i..i + GROUP` are all
-/// zero (so the group is skipped); `take(i, mask)` returns the bits of source word `i` selected
-/// by `mask` that the source gives up (and, for a log, has cleared). The loop never asks for
-/// bits that map past `npages`, past `src_bits` or past the end of the bitmap. Returns the
-/// number of newly dirty pages.
+/// `nonzero(i, n)` returns, without consuming anything, the mask of the non-zero words among
+/// source words `i..i + n` (`n <= CHUNK`; bit `k` = word `i + k`); `take(i, mask)` returns the
+/// bits of source word `i` selected by `mask` that the source gives up (and, for a log, has
+/// cleared). The loop never asks for bits that map past `npages`, past `src_bits` or past the
+/// end of the bitmap. Returns the number of newly dirty pages.
+///
+/// Works a chunk of `CHUNK` source words at a time, in two steps: take the chunk's dirty words
+/// into a local array (for a log: the Acquire swaps, back to back), then OR them into the
+/// bitmap ([`Writer::or_chunk`]). Source word `i` lands on bitmap word `d0 + i` shifted left by
+/// `off`; with `off != 0` its top `off` bits belong to word `d0 + i + 1` and are carried there
+/// (across chunks too), so each bitmap word still gets one store.
 #[inline(always)]
 fn merge_core(
-    t: &Table,
+    w: &mut Writer,
     src_bits: u64,
     start_page: u64,
     npages: u64,
-    clean: impl Fn(usize) -> bool,
+    nonzero: impl Fn(usize, usize) -> u64,
     mut take: impl FnMut(usize, u64) -> u64,
 ) -> u64 {
-    if start_page >= t.pages {
+    let pages = w.t.pages;
+    if start_page >= pages {
         return 0;
     }
-    let n = npages.min(src_bits).min(t.pages - start_page);
+    let n = npages.min(src_bits).min(pages - start_page);
     if n == 0 {
         return 0;
     }
     // `n <= src_bits`, the bit length of an in-memory slice, so the word count fits a usize.
     let nwords = n.div_ceil(64) as usize;
-    // Words `0..full` are taken whole, in groups up to `grouped`; word `full` (the last) with
-    // `last_mask`.
-    let full = nwords - 1;
-    let grouped = full - full % GROUP;
-    let last_mask = low_bits(n - full as u64 * 64);
-    let d0 = start_page / 64;
-    let off = (start_page % 64) as u32;
+    // Every word is taken whole except the last, which is taken with `last_mask`.
+    let last = nwords - 1;
+    let last_mask = low_bits(n - last as u64 * 64);
+    let (d0, off) = (start_page / 64, (start_page % 64) as u32);
+    let mut vals = [0u64; CHUNK];
     let mut newly = 0;
-    if off == 0 {
-        // Fast path (QEMU's word-aligned `set_dirty_lebitmap`): word i onto word d0 + i.
-        let mut one = |i: usize, mask: u64| {
-            let v = take(i, mask);
-            if v != 0 {
-                newly += t.or_word(d0 + i as u64, v);
-            }
-        };
-        for g in (0..grouped).step_by(GROUP) {
-            if !clean(g) {
-                (g..g + GROUP).for_each(|i| one(i, !0));
+    // Shift path: the bits source word `c - 1` spilled into bitmap word `d0 + c`.
+    let mut carry = 0u64;
+    let mut c = 0;
+    // The masks of the next `AHEAD` chunks, found (and their bitmap lines prefetched) ahead
+    // of time, so those misses overlap the work in between instead of each stalling the swap
+    // that follows it. Chunk `j` starts at source word `j * CHUNK`.
+    let chunks = nwords.div_ceil(CHUNK);
+    let mut ahead = [0u64; AHEAD];
+    let look = |j: usize| -> u64 {
+        if j >= chunks {
+            return 0;
+        }
+        let first = j * CHUNK;
+        let m = nonzero(first, CHUNK.min(nwords - first));
+        if m != 0 {
+            w.t.prefetch(d0 + first as u64, m);
+        }
+        m
+    };
+    for (j, m) in ahead.iter_mut().enumerate() {
+        *m = look(j);
+    }
+    for j in 0..chunks {
+        let len = CHUNK.min(nwords - c);
+        let dirty = ahead[j % AHEAD];
+        ahead[j % AHEAD] = look(j + AHEAD);
+        c += len;
+        if dirty == 0 && carry == 0 {
+            continue;
+        }
+        let c0 = c - len;
+        let mut take_at = |k: usize| take(c0 + k, if c0 + k == last { last_mask } else { !0 });
+        if off == 0 {
+            if let Some(dst) = w.span(d0 + c0 as u64, len) {
+                // Aligned fast path, one pass: each swap is followed by its OR, which keeps
+                // the core busy while the next locked instruction waits.
+                let mut one = |k: usize| or_word(&dst[k], take_at(k));
+                if dirty == !0 {
+                    newly += (0..CHUNK).map(&mut one).sum::<u64>();
+                } else {
+                    let mut m = dirty;
+                    while m != 0 {
+                        let k = m.trailing_zeros() as usize;
+                        m &= m - 1;
+                        newly += one(k);
+                    }
+                }
+                continue;
             }
         }
-        (grouped..full).for_each(|i| one(i, !0));
-        one(full, last_mask);
-    } else {
-        // Shift path: bitmap word d0 + i = src[i] << off | src[i - 1] >> (64 - off), the
-        // second half carried from the previous word.
-        let back = 64 - off;
-        let mut carry = 0u64;
-        let mut one = |i: usize, mask: u64| {
-            let v = take(i, mask);
-            let out = (v << off) | carry;
-            carry = v >> back;
-            if out != 0 {
-                newly += t.or_word(d0 + i as u64, out);
+        if dirty == !0 {
+            // A fully dirty chunk (dense logs): a straight loop beats walking the mask.
+            for (k, v) in vals.iter_mut().enumerate() {
+                *v = take_at(k);
             }
-        };
-        for g in (0..grouped).step_by(GROUP) {
-            if clean(g) {
-                // Flush the carry into the group's first word (a no-op when it is zero).
-                one(g, 0);
-            } else {
-                (g..g + GROUP).for_each(|i| one(i, !0));
+        } else {
+            vals = [0; CHUNK];
+            let mut m = dirty;
+            while m != 0 {
+                let k = m.trailing_zeros() as usize;
+                m &= m - 1;
+                vals[k] = take_at(k);
             }
         }
-        (grouped..full).for_each(|i| one(i, !0));
-        one(full, last_mask);
-        if carry != 0 {
-            // Only bits of valid pages were taken, so this word exists.
-            newly += t.or_word(d0 + nwords as u64, carry);
+        let mut out = dirty;
+        if off != 0 {
+            // Bitmap word k = vals[k] << off | vals[k - 1] >> (64 - off), word 0 taking the
+            // carry; the words that get bits are the dirty ones and those right after them.
+            let spilled = spill(vals[len - 1], off);
+            out |= dirty << 1 | u64::from(carry != 0);
+            if len < CHUNK {
+                out &= low_bits(len as u64);
+            }
+            if let Some(dst) = w.span(d0 + c0 as u64, len) {
+                let mut m = out;
+                while m != 0 {
+                    let k = m.trailing_zeros() as usize;
+                    m &= m - 1;
+                    let below = if k == 0 {
+                        carry
+                    } else {
+                        spill(vals[k - 1], off)
+                    };
+                    newly += or_word(&dst[k], vals[k] << off | below);
+                }
+                carry = spilled;
+                continue;
+            }
+            // The chunk straddles two blocks: shift in place, from the top, and let `or_chunk`
+            // split it.
+            for k in (1..len).rev() {
+                vals[k] = vals[k] << off | spill(vals[k - 1], off);
+            }
+            vals[0] = vals[0] << off | carry;
+            carry = spilled;
         }
+        newly += w.or_chunk(d0 + c0 as u64, &vals, out);
+    }
+    if carry != 0 {
+        // Only bits of pages inside the bitmap were taken, so this word exists.
+        newly += w.or(d0 + nwords as u64, carry);
     }
     newly
 }
@@ -277,7 +534,7 @@ fn merge_core(
 /// returns the consumed bits of tail byte `k` among `mask`; byte `k` covers bitmap pages
 /// `first_page + 8k ..`.
 fn merge_tail(
-    t: &Table,
+    w: &mut Writer,
     tail: &[LogByte],
     first_page: Option<u64>,
     mut take: impl FnMut(usize, &LogByte, u8) -> u8,
@@ -285,16 +542,17 @@ fn merge_tail(
     let Some(first_page) = first_page else {
         return 0;
     };
+    let pages = w.t.pages;
     let mut newly = 0;
     for (k, byte) in tail.iter().enumerate() {
         let page = first_page.saturating_add(k as u64 * 8);
-        if page >= t.pages {
+        if page >= pages {
             break;
         }
-        let mask = low_bits((t.pages - page).min(8)) as u8;
+        let mask = low_bits((pages - page).min(8)) as u8;
         let v = take(k, byte, mask);
         if v != 0 {
-            newly += t.or_bits(page, v as u64);
+            newly += w.or_bits(page, v as u64);
         }
     }
     newly
@@ -357,6 +615,62 @@ pub trait LeWords {
     #[inline(always)]
     fn all_zero(&self, first: usize, count: usize) -> bool {
         (first..first + count).fold(0, |acc, i| acc | self.word(i)) == 0
+    }
+    /// Mask of the non-zero words among `first..first + count` (`count <= 64`, all below
+    /// `word_count()`): bit `k` set iff word `first + k` is not zero. The default checks
+    /// [`all_zero`](Self::all_zero) first, so a clean stretch costs only that check.
+    #[inline(always)]
+    fn nonzero_mask(&self, first: usize, count: usize) -> u64 {
+        if self.all_zero(first, count) {
+            return 0;
+        }
+        chunk_mask(count, |k| self.word(first + k))
+    }
+}
+
+/// `1` if `v != 0`, else `0`, without a branch.
+#[inline(always)]
+fn nonzero_bit(v: u64) -> u64 {
+    (v | v.wrapping_neg()) >> 63
+}
+
+/// The mask of the non-zero words among `count <= 64` words read by `load(k)`, in two levels:
+/// which groups of 8 have a non-zero word (ORs of plain loads), then which words of those
+/// groups. Branch-free apart from the loop over dirty groups, and only dirty groups pay for a
+/// per-word test.
+#[inline(always)]
+fn chunk_mask(count: usize, load: impl Fn(usize) -> u64) -> u64 {
+    if count < CHUNK {
+        return (0..count).fold(0, |m, k| m | nonzero_bit(load(k)) << k);
+    }
+    let mut groups = 0u64;
+    for g in 0..CHUNK / 8 {
+        let any = (0..8).fold(0, |a, k| a | load(g * 8 + k));
+        groups |= nonzero_bit(any) << g;
+    }
+    let mut mask = 0;
+    while groups != 0 {
+        let g = groups.trailing_zeros() as usize;
+        groups &= groups - 1;
+        let words = (0..8).fold(0, |m, k| m | nonzero_bit(load(g * 8 + k)) << k);
+        mask |= words << (g * 8);
+    }
+    mask
+}
+
+/// [`LeWords::nonzero_mask`] for a log slice (at most 64 words): relaxed loads.
+#[inline(always)]
+fn nonzero_mask<W: Word>(words: &[W]) -> u64 {
+    chunk_mask(words.len(), |k| words[k].load(Ordering::Relaxed))
+}
+
+/// Takes a whole log word the chunk loop found non-zero: one Acquire swap.
+#[inline(always)]
+fn take_log_word<W: Word>(w: &W, mask: u64) -> u64 {
+    if mask == !0 {
+        w.swap(0, Ordering::Acquire)
+    } else {
+        take_word(w, mask)
     }
 }
 
@@ -444,9 +758,14 @@ impl LeWords for Vec<AtomicU64> {
 
 /// The VMM's migration bitmap: one bit per 4 KiB guest page, set = "must be sent (again)".
 ///
-/// Every method takes `&self` and is lock-free except [`grow`](Self::grow), which only
-/// serializes against other growers: the syncing thread, the sending thread and a hotplug
-/// thread can share one bitmap (e.g. in an `Arc`).
+/// Every method takes `&self`: the syncing thread, the sending thread and a hotplug thread
+/// can share one bitmap (e.g. in an `Arc`). Readers ([`test`](Self::test),
+/// [`next_dirty`](Self::next_dirty), [`iter`](Self::iter), [`count_dirty`](Self::count_dirty),
+/// [`snapshot`](Self::snapshot)) never lock. Writers (the merges, [`set_range`](Self::set_range),
+/// [`test_and_clear`](Self::test_and_clear)) serialize on a writer lock that a merge holds for
+/// one 1 GiB block at a time, so under it a word is updated with a plain load and store, as
+/// QEMU's migration bitmap is under `bitmap_mutex`: one locked instruction fewer per dirty
+/// word of a sync. [`grow`](Self::grow) only serializes against other growers.
 ///
 /// Storage: blocks of [`BLOCK_PAGES`] pages (32 KiB, 1 GiB of guest memory each) behind an
 /// append-only block table published with `arc-swap`, as QEMU's `DirtyMemoryBlocks` do:
@@ -455,9 +774,12 @@ impl LeWords for Vec<AtomicU64> {
 /// into live memory. (A fixed-capacity table of `OnceLock` blocks would avoid the table swap
 /// but cost 64 MiB of slots per bitmap to cover [`MAX_PAGES`].)
 ///
-/// Ordering: bits are set with Release RMWs after the log was consumed with Acquire, and taken
-/// with Acquire ([`test_and_clear`](Self::test_and_clear)), so whoever takes a page's bit and
-/// then copies the page sees the data the backend wrote before marking it.
+/// Ordering: bits are set under the writer lock after the log was consumed with Acquire, and
+/// taken under the same lock ([`test_and_clear`](Self::test_and_clear)), so whoever takes a
+/// page's bit and then copies the page sees the data the backend wrote before marking it.
+///
+/// A [`LeWords`] source passed to [`merge_lebitmap`](Self::merge_lebitmap) is read while the
+/// writer lock is held: its methods must not write to this bitmap.
 ///
 /// Page indices are absolute guest page numbers (`gpa >> 12`). Ranges are clamped to
 /// [`pages`](Self::pages): pages past the end are ignored by every method and counted nowhere,
@@ -478,6 +800,8 @@ impl LeWords for Vec<AtomicU64> {
 pub struct MigrationBitmap {
     table: ArcSwap<Table>,
     grow_lock: Mutex<()>,
+    /// Serializes the writers of bits (see `Writer`); readers never take it.
+    writer: Mutex<()>,
 }
 
 impl std::fmt::Debug for MigrationBitmap {
@@ -498,6 +822,7 @@ impl MigrationBitmap {
         let bm = MigrationBitmap {
             table: ArcSwap::from_pointee(Table::empty()),
             grow_lock: Mutex::new(()),
+            writer: Mutex::new(()),
         };
         bm.grow(pages)?;
         Ok(bm)
@@ -554,18 +879,15 @@ impl MigrationBitmap {
     }
 
     /// Marks pages `[first, first + npages)` dirty (clamped) and returns how many were clean
-    /// before. One masked `fetch_or` per word.
+    /// before. Under the writer lock, one plain masked OR per word.
     pub fn set_range(&self, first: u64, npages: u64) -> u64 {
         let t = self.table.load();
         let Some((first, end)) = t.clamp(first, npages) else {
             return 0;
         };
+        let mut w = Writer::new(&t, &self.writer);
         let mut newly = 0;
-        t.for_words(first, end, |_, w, mask| {
-            let old = w.fetch_or(mask, Ordering::Release);
-            newly += (mask & !old).count_ones() as u64;
-            ControlFlow::<()>::Continue(())
-        });
+        for_masks(first, end, |j, mask| newly += w.or(j, mask));
         newly
     }
 
@@ -576,18 +898,18 @@ impl MigrationBitmap {
     }
 
     /// Takes pages `[first, first + npages)` (clamped): clears them and returns how many were
-    /// dirty. One Acquire swap per fully covered non-zero word, an Acquire `fetch_and` for a
-    /// partial one, so a bit set concurrently is either returned here or stays set. Copy the
-    /// pages *after* this call.
+    /// dirty. Under the writer lock (which every setter holds too), so a bit set concurrently
+    /// is either returned here or stays set, and the lock orders this call after the sync that
+    /// set the bit. Copy the pages *after* this call.
     pub fn test_and_clear(&self, first: u64, npages: u64) -> u64 {
         let t = self.table.load();
         let Some((first, end)) = t.clamp(first, npages) else {
             return 0;
         };
+        let mut w = Writer::new(&t, &self.writer);
         let mut taken = 0;
-        t.for_words(first, end, |_, w, mask| {
-            taken += take_word(w, mask).count_ones() as u64;
-            ControlFlow::<()>::Continue(())
+        for_masks(first, end, |j, mask| {
+            taken += w.take(j, mask).count_ones() as u64;
         });
         taken
     }
@@ -674,12 +996,13 @@ impl MigrationBitmap {
     ) -> u64 {
         let t = self.table.load();
         let src_bits = (src.word_count() as u64).saturating_mul(64);
+        let mut w = Writer::new(&t, &self.writer);
         merge_core(
-            &t,
+            &mut w,
             src_bits,
             start_page,
             npages,
-            |i| src.all_zero(i, GROUP),
+            |i, n| src.nonzero_mask(i, n),
             |i, mask| src.word(i) & mask,
         )
     }
@@ -699,23 +1022,29 @@ impl MigrationBitmap {
         let t = self.table.load();
         let words = log.words();
         let src_bits = words.len() as u64 * 64;
+        let mut w = Writer::new(&t, &self.writer);
         let mut newly = merge_core(
-            &t,
+            &mut w,
             src_bits,
             base_page,
             u64::MAX,
-            |i| all_zero(&words[i..i + GROUP]),
-            |i, mask| take_word(&words[i], mask),
+            |i, n| nonzero_mask(&words[i..i + n]),
+            |i, mask| take_log_word(&words[i], mask),
         );
         let tail = log.tail();
         if !tail.is_empty() {
-            newly += merge_tail(&t, tail, base_page.checked_add(src_bits), |_, b, mask| {
-                if b.load(Ordering::Relaxed) & mask == 0 {
-                    0
-                } else {
-                    b.fetch_and(!mask, Ordering::Acquire) & mask
-                }
-            });
+            newly += merge_tail(
+                &mut w,
+                tail,
+                base_page.checked_add(src_bits),
+                |_, b, mask| {
+                    if b.load(Ordering::Relaxed) & mask == 0 {
+                        0
+                    } else {
+                        b.fetch_and(!mask, Ordering::Acquire) & mask
+                    }
+                },
+            );
         }
         newly
     }
@@ -761,8 +1090,9 @@ impl MigrationBitmap {
         fetched.reset(log, base_page);
         let seen = &mut fetched.seen;
         let src_bits = words.len() as u64 * 64;
-        let clean = |i: usize| all_zero(&words[i..i + GROUP]);
-        let mut newly = merge_core(&t, src_bits, base_page, u64::MAX, clean, |i, mask| {
+        let mut w = Writer::new(&t, &self.writer);
+        let dirty = |i: usize, n: usize| nonzero_mask(&words[i..i + n]);
+        let mut newly = merge_core(&mut w, src_bits, base_page, u64::MAX, dirty, |i, mask| {
             let v = words[i].load(Ordering::Relaxed) & mask;
             if v != 0 {
                 // Acquire for the marks we saw, only where there are any.
@@ -773,7 +1103,7 @@ impl MigrationBitmap {
         });
         let seen_tail = &mut fetched.seen_tail;
         newly += merge_tail(
-            &t,
+            &mut w,
             log.tail(),
             base_page.checked_add(src_bits),
             |k, b, mask| {

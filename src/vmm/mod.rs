@@ -24,10 +24,13 @@
 //! A 64 GiB guest has 16 Mi pages: a per-page loop costs tens of milliseconds per round, during
 //! which the guest keeps dirtying memory. The log and the bitmap share one layout (bit `p % 64`
 //! of little-endian word `p / 64`), so the merge works on 64 pages at a time: plain loads skip
-//! clean words (eight at a time), one atomic swap takes a dirty word out of the log, one atomic
-//! OR puts it into the bitmap, and `count_ones` of the bits that were not already set counts the newly dirty
-//! pages (what the migration rate estimate needs). No step takes a lock, allocates, or loops
-//! over bits.
+//! clean words (64 at a time), one atomic swap takes a dirty word out of the log, one OR puts
+//! it into the bitmap, and `count_ones` of the bits that were not already set counts the newly
+//! dirty pages (what the migration rate estimate needs). Nothing allocates or loops over bits.
+//! The swap is the one locked instruction a dirty word must cost (the backend ORs into the log
+//! concurrently); the OR into the bitmap is a plain load and store under the bitmap's writer
+//! lock, taken once per 1 GiB block, as QEMU ORs into its migration bitmap under
+//! `bitmap_mutex`. Readers of the bitmap never lock.
 //!
 //! ## The rules this module keeps (DESIGN.md)
 //! - **Never drop a bit you did not consume (invariant 3).** A log word is cleared only by an
@@ -36,9 +39,10 @@
 //!   between: a page the destination never receives. Log bits that map past the end of the
 //!   bitmap are *not* cleared: they stay in the log until the bitmap grows to cover them.
 //! - **Clear before copy (invariant 2).** The swap that clears a log word has Acquire ordering
-//!   (pairing with the backend's Release mark), and the bitmap bits are set with Release and
-//!   taken with Acquire ([`MigrationBitmap::test_and_clear`]), so the thread that copies a page
-//!   after taking its bit sees the data the backend wrote before marking it; a write after the
+//!   (pairing with the backend's Release mark), and the bitmap bits are set and taken under the
+//!   bitmap's writer lock ([`MigrationBitmap::test_and_clear`] takes it too), so the thread that
+//!   copies a page after taking its bit sees the data the backend wrote before marking it; a
+//!   write after the
 //!   swap sets the bit again and is sent next round. In deferred mode the same holds for the
 //!   clear of a chunk ([`FetchedLog::clear_pages`]), which must come before that chunk is sent.
 //! - **Hostile sizes are errors, indices are clamped (invariant 4).** Zero or oversized guest
