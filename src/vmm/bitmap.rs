@@ -1366,6 +1366,51 @@ mod tests {
         assert_eq!(bm.iter().count(), 65);
     }
 
+    /// A 64-word chunk whose bitmap words straddle a block boundary takes the two-step path
+    /// (`or_chunk` splits it); aligned and shifted starts, sparse and dense sources, against a
+    /// per-page model.
+    #[test]
+    fn chunks_straddling_a_block_boundary_match_model() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for start in [
+            BLOCK_PAGES - 640,
+            BLOCK_PAGES - 640 + 37,
+            BLOCK_PAGES - 64 * 63 - 1,
+        ] {
+            for dense in [false, true] {
+                let src: Vec<u64> = (0..150)
+                    .map(|_| {
+                        if dense {
+                            rnd() | 1
+                        } else {
+                            rnd() & rnd() & rnd()
+                        }
+                    })
+                    .collect();
+                let bm = MigrationBitmap::new(BLOCK_PAGES * 2).unwrap();
+                bm.set_range(start + 5, 3); // some bits already set
+                let npages = 150 * 64 - 7;
+                let before: Vec<bool> = (0..npages).map(|i| bm.test(start + i)).collect();
+                let newly = bm.merge_lebitmap(&src[..], start, npages);
+                let mut expect_newly = 0;
+                for i in 0..npages {
+                    let bit = src[(i / 64) as usize] >> (i % 64) & 1 != 0;
+                    assert_eq!(bm.test(start + i), bit || before[i as usize], "page {i}");
+                    expect_newly += u64::from(bit && !before[i as usize]);
+                }
+                assert_eq!(newly, expect_newly);
+                assert!(!bm.test(start + npages) && !bm.test(start - 1));
+                assert_eq!(bm.count_dirty(), bm.iter().count() as u64);
+            }
+        }
+    }
+
     #[test]
     fn iterator_respects_range_end() {
         let bm = MigrationBitmap::new(300).unwrap();
