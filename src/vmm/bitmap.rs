@@ -121,20 +121,26 @@ fn low_bits(n: u64) -> u64 {
     }
 }
 
+/// The bits of word `j` that lie inside a span from [`word_span`].
+#[inline(always)]
+fn span_mask(j: u64, (w0, w1, m0, m1): (u64, u64, u64, u64)) -> u64 {
+    let mut mask = !0u64;
+    if j == w0 {
+        mask &= m0;
+    }
+    if j == w1 {
+        mask &= m1;
+    }
+    mask
+}
+
 /// Calls `f(word, mask)` for every bitmap word overlapping pages `[first, end)` (`first < end`),
 /// `mask` selecting the range's bits in it.
 #[inline(always)]
 fn for_masks(first: u64, end: u64, mut f: impl FnMut(u64, u64)) {
-    let (w0, w1, m0, m1) = word_span(first, end);
-    for w in w0..=w1 {
-        let mut mask = !0u64;
-        if w == w0 {
-            mask &= m0;
-        }
-        if w == w1 {
-            mask &= m1;
-        }
-        f(w, mask);
+    let span = word_span(first, end);
+    for w in span.0..=span.1 {
+        f(w, span_mask(w, span));
     }
 }
 
@@ -355,19 +361,13 @@ impl Table {
         end: u64,
         mut f: impl FnMut(u64, &AtomicU64, u64) -> ControlFlow<B>,
     ) -> Option<B> {
-        let (w0, w1, m0, m1) = word_span(first, end);
-        let mut w = w0;
-        while w <= w1 {
+        let span = word_span(first, end);
+        let mut w = span.0;
+        while w <= span.1 {
             let block = &self.blocks[(w >> BLOCK_WORD_SHIFT) as usize];
-            let last = w1.min(w | (BLOCK_WORDS as u64 - 1));
+            let last = span.1.min(w | (BLOCK_WORDS as u64 - 1));
             for j in w..=last {
-                let mut mask = !0u64;
-                if j == w0 {
-                    mask &= m0;
-                }
-                if j == w1 {
-                    mask &= m1;
-                }
+                let mask = span_mask(j, span);
                 if let ControlFlow::Break(b) = f(j, &block[j as usize & (BLOCK_WORDS - 1)], mask) {
                     return Some(b);
                 }
@@ -1298,15 +1298,9 @@ impl FetchedLog {
         let whole = words.len() as u64 * 64;
         let mut cleared = 0;
         if first < whole {
-            let (w0, w1, m0, m1) = word_span(first, end.min(whole));
-            for w in w0..=w1 {
-                let mut mask = !0u64;
-                if w == w0 {
-                    mask &= m0;
-                }
-                if w == w1 {
-                    mask &= m1;
-                }
+            let span = word_span(first, end.min(whole));
+            for w in span.0..=span.1 {
+                let mask = span_mask(w, span);
                 let seen = &mut self.seen[w as usize];
                 let s = *seen & mask;
                 if s != 0 {
