@@ -11,9 +11,10 @@
 //! merge that is running on the old table keeps writing into the same memory the new table
 //! refers to, and no bit set during growth is lost.
 //!
-//! The table is published through [`arc_swap::ArcSwap`]: a reader's `load` is lock-free (no
-//! lock on the sync, merge or iteration paths), and the old table is freed when its last reader
-//! is done. Growers serialize on a mutex that only growers take. We chose this over a
+//! The table is published through [`arc_swap::ArcSwap`]: loading it is lock-free (growth
+//! never blocks a sync, merge or iteration), and the old table is freed when its last reader
+//! is done. Growers serialize on a mutex that only growers take. (Writers of *bits* serialize
+//! on a separate writer lock, one block at a time; see "What a dirty word costs".) We chose this over a
 //! fixed-capacity array of `OnceLock` blocks because capacity for the supported maximum
 //! ([`MAX_PAGES`] = 2^40 pages, 52-bit guest-physical addresses) would be 4 Mi slots (64 MiB)
 //! per bitmap whether the guest has 1 GiB or 4 PiB, and a smaller fixed capacity would cap
