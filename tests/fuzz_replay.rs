@@ -221,6 +221,7 @@ fn replay_backend_messages() {
         "log-all-on",
         "write-logged",
         "write-past-log",
+        "log-attached-after-unlogged-writes",
         "session",
     ] {
         assert!(

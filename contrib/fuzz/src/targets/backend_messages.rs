@@ -27,7 +27,9 @@
 //!   covered by that log is set in the log *as the frontend sees it* (read back from the memfd),
 //!   and no bit anywhere in any log file lies outside the pages written while logging was on;
 //! - pages past the end of the log are counted in `stats()` (and writes with no log are counted
-//!   as such), never written.
+//!   as such), never written;
+//! - after a write made while LOG_ALL is on and *no* log is attached, the next log attached has
+//!   every page marked (and nothing else does).
 //!
 //! What is deliberately not generated: touching the part of a region that has no file behind it
 //! (a hostile `SET_MEM_TABLE` / `ADD_MEM_REGION` with an fd shorter than the region), by a device
@@ -417,6 +419,9 @@ struct Session {
     logging: bool,
     log: Option<AttachedLog>,
     stats: LogStats,
+    /// A write happened with LOG_ALL on and no log attached: the backend marks every page of
+    /// the next log it attaches (`DirtyLog::replace_region`).
+    unlogged: bool,
 }
 
 struct State<'h> {
@@ -550,6 +555,7 @@ impl State<'_> {
             logging: false,
             log: None,
             stats: LogStats::default(),
+            unlogged: false,
         });
         self.reached.hit("session");
     }
@@ -907,6 +913,18 @@ impl State<'_> {
             size,
         });
         self.reached.hit("log-attached");
+        if std::mem::take(&mut self.session().unlogged) {
+            // Every page of the new log (as far as the fd reaches) is marked on attach.
+            let lf = &mut self.files[fi];
+            let (b0, b1) = (offset * 8, (offset + size) * 8 - 1);
+            let file_bits = lf.len * 8;
+            if b0 < file_bits {
+                set_bits(&mut lf.must, b0, b1.min(file_bits - 1));
+                set_bits(&mut lf.may, b0, b1.min(file_bits - 1));
+            }
+            self.reached.hit("log-attached-after-unlogged-writes");
+            self.check_range(fi, offset, offset + size);
+        }
         self.check_backend_log();
     }
 
@@ -1029,6 +1047,7 @@ impl State<'_> {
             "marks without a log: {stats:?}, before {before:?}"
         );
         s.stats = stats;
+        s.unlogged |= without_log;
         if let Some(l) = log.filter(|_| logging) {
             if self.drop_marks && marked {
                 self.drop_marks = false;
