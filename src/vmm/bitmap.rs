@@ -396,11 +396,13 @@ const AHEAD: usize = 2;
 /// cleared). The loop never asks for bits that map past `npages`, past `src_bits` or past the
 /// end of the bitmap. Returns the number of newly dirty pages.
 ///
-/// Works a chunk of `CHUNK` source words at a time, in two steps: take the chunk's dirty words
-/// into a local array (for a log: the Acquire swaps, back to back), then OR them into the
-/// bitmap ([`Writer::or_chunk`]). Source word `i` lands on bitmap word `d0 + i` shifted left by
-/// `off`; with `off != 0` its top `off` bits belong to word `d0 + i + 1` and are carried there
-/// (across chunks too), so each bitmap word still gets one store.
+/// Works a chunk of `CHUNK` source words at a time. Source word `i` lands on bitmap word
+/// `d0 + i` shifted left by `off`. Aligned (`off == 0`), a chunk is one pass: each dirty word is
+/// taken and ORed into its bitmap word right away. Otherwise (or when the chunk's bitmap words
+/// straddle a block boundary) it takes two steps: the chunk's dirty words are taken into a local
+/// array, then the bitmap words they touch are assembled and ORed in; the top `off` bits of a
+/// word belong to the next bitmap word and are carried there (across chunks too), so each
+/// bitmap word still gets one store.
 #[inline(always)]
 fn merge_core(
     w: &mut Writer,
@@ -426,9 +428,9 @@ fn merge_core(
     let (d0, off) = (start_page / 64, (start_page % 64) as u32);
     let mut vals = [0u64; CHUNK];
     let mut newly = 0;
-    // Shift path: the bits source word `c - 1` spilled into bitmap word `d0 + c`.
+    // Shift path: the bits the last word of the previous chunk spilled into the first bitmap
+    // word of this one.
     let mut carry = 0u64;
-    let mut c = 0;
     // The masks of the next `AHEAD` chunks, found (and their bitmap lines prefetched) ahead
     // of time, so those misses overlap the work in between instead of each stalling the swap
     // that follows it. Chunk `j` starts at source word `j * CHUNK`.
@@ -449,14 +451,13 @@ fn merge_core(
         *m = look(j);
     }
     for j in 0..chunks {
-        let len = CHUNK.min(nwords - c);
+        let c0 = j * CHUNK;
+        let len = CHUNK.min(nwords - c0);
         let dirty = ahead[j % AHEAD];
         ahead[j % AHEAD] = look(j + AHEAD);
-        c += len;
         if dirty == 0 && carry == 0 {
             continue;
         }
-        let c0 = c - len;
         let mut take_at = |k: usize| take(c0 + k, if c0 + k == last { last_mask } else { !0 });
         if off == 0 {
             if let Some(dst) = w.span(d0 + c0 as u64, len) {
