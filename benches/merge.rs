@@ -13,7 +13,9 @@
 //! the best ratio any conforming sync can reach on this machine, and `sync / (scan + swaps)`
 //! is how far ours is from it.
 //!
-//! and aligned vs unaligned `merge_lebitmap` (the shift path).
+//! and aligned vs unaligned `merge_lebitmap` (the shift path). Each sync row also shows the
+//! deferred mode's first step (`fetch_log_into` with a reused record: merge without clearing;
+//! the clears happen later, chunk by chunk, right before each chunk is sent).
 //!
 //! Densities are fractions of dirty pages, in two shapes: *scattered* (every page dirty
 //! independently: the worst case for a word-wise merge, since at 1% half of all words are
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode};
-use vhost_dirtylog::vmm::{MigrationBitmap, SharedLog};
+use vhost_dirtylog::vmm::{FetchedLog, MigrationBitmap, SharedLog};
 
 const GUEST_BYTES: u64 = 64 << 30;
 const PAGES: u64 = GUEST_BYTES >> 12;
@@ -173,6 +175,7 @@ fn sync_benches(c: &mut Criterion) {
     assert_eq!(words.len(), WORDS);
     let bm = MigrationBitmap::new(PAGES).expect("bitmap");
     let flat: Vec<AtomicU64> = (0..WORDS).map(|_| AtomicU64::new(0)).collect();
+    let record = std::cell::RefCell::new(FetchedLog::new());
 
     println!("\n== sync: 64 GiB guest, 16 Mi pages, 2 MiB log; medians of {REPS} ==");
     println!("   targets: sync/scan <= 1.5x at <= 1% density; per-bit/sync >= 20x at 10%");
@@ -191,18 +194,20 @@ fn sync_benches(c: &mut Criterion) {
             let nonzero = dirty.len() as f64 / WORDS as f64;
             let label = format!("{} {}%", shape.name(), density * 100.0);
 
-            let [t_sync, t_scan, t_bit, t_swaps] = medians(
+            let fetch = || bm.fetch_log_into(&log, 0, &mut record.borrow_mut());
+            let [t_sync, t_scan, t_bit, t_swaps, t_fetch] = medians(
                 || refill(words, &pat),
                 [
                     &|| bm.sync_from_log(&log, 0),
                     &|| scan(words),
                     &|| per_bit(words, &flat),
                     &|| swaps(words, &dirty),
+                    &fetch,
                 ],
             );
             let floor = t_scan + t_swaps;
             println!(
-                "{label:>24} ({:5.1}% words non-zero): sync {:>10}  scan {:>10}  per-bit {:>10}  floor {:>10} | sync/scan = {:.2}x (floor/scan = {:.2}x, sync/floor = {:.2}x), per-bit/sync = {:.1}x",
+                "{label:>24} ({:5.1}% words non-zero): sync {:>10}  scan {:>10}  per-bit {:>10}  floor {:>10} | sync/scan = {:.2}x (floor/scan = {:.2}x, sync/floor = {:.2}x), per-bit/sync = {:.1}x | deferred fetch {:>10} = {:.2}x scan",
                 nonzero * 100.0,
                 fmt(t_sync),
                 fmt(t_scan),
@@ -212,6 +217,8 @@ fn sync_benches(c: &mut Criterion) {
                 ratio(floor, t_scan),
                 ratio(t_sync, floor),
                 ratio(t_bit, t_sync),
+                fmt(t_fetch),
+                ratio(t_fetch, t_scan),
             );
 
             let mut g = c.benchmark_group(format!("sync/{label}"));
@@ -234,6 +241,13 @@ fn sync_benches(c: &mut Criterion) {
                 b.iter_batched(
                     || refill(words, &pat),
                     |()| per_bit(words, &flat),
+                    BatchSize::PerIteration,
+                )
+            });
+            g.bench_function("deferred-fetch", |b| {
+                b.iter_batched(
+                    || refill(words, &pat),
+                    |()| fetch(),
                     BatchSize::PerIteration,
                 )
             });

@@ -1069,7 +1069,8 @@ impl MigrationBitmap {
     ///
     /// Contract: clear a chunk's fetched bits *before* sending any page of that chunk, and let
     /// nothing else consume this log (another sync) between fetch and clear. Allocates the
-    /// record (one `u64` per log word); reuse one with [`fetch_log_into`](Self::fetch_log_into).
+    /// record (16 bytes per dirty log word); reuse one with
+    /// [`fetch_log_into`](Self::fetch_log_into).
     pub fn fetch_log<L: AsRef<LogRegion> + ?Sized>(&self, log: &L, base_page: u64) -> FetchedLog {
         let mut fetched = FetchedLog::default();
         self.fetch_log_into(log, base_page, &mut fetched);
@@ -1077,7 +1078,8 @@ impl MigrationBitmap {
     }
 
     /// [`fetch_log`](Self::fetch_log) into an existing record, reusing its memory (no
-    /// allocation once it has held a log of this size). Returns the number of newly dirty pages.
+    /// allocation once it has held as many dirty words). Returns the number of newly dirty
+    /// pages.
     /// Whatever `fetched` held before is forgotten: bits it had not cleared yet simply stay in
     /// the log (already merged) and are fetched again.
     pub fn fetch_log_into<L: AsRef<LogRegion> + ?Sized>(
@@ -1099,7 +1101,7 @@ impl MigrationBitmap {
             if v != 0 {
                 // Acquire for the marks we saw, only where there are any.
                 fence(Ordering::Acquire);
-                seen[i] = v;
+                seen.push((i, v));
             }
             v
         });
@@ -1207,8 +1209,10 @@ impl Iterator for DirtyPages {
 /// never erases a mark the backend made after the first clear.
 #[derive(Default)]
 pub struct FetchedLog {
-    /// Bits seen per log word, not yet cleared.
-    seen: Vec<u64>,
+    /// The log words the fetch found dirty, in increasing word order (the merge loop visits
+    /// words in order), with the bits seen and not yet cleared. Sparse, so a fetch costs in
+    /// proportion to the dirty words, not to the size of the log.
+    seen: Vec<(usize, u64)>,
     /// Bits seen per log tail byte, not yet cleared.
     seen_tail: [u8; 8],
     /// Identity of the log: address of its first byte and its length.
@@ -1236,9 +1240,8 @@ impl FetchedLog {
     }
 
     fn reset(&mut self, log: &LogRegion, base_page: u64) {
+        // Keeps the capacity: no allocation unless more words are dirty than ever before.
         self.seen.clear();
-        // Reuses the capacity: no allocation when the log has not grown.
-        self.seen.resize(log.words().len(), 0);
         self.seen_tail = [0; 8];
         self.log_addr = log.words().as_ptr() as usize;
         self.log_len = log.len_bytes();
@@ -1265,7 +1268,7 @@ impl FetchedLog {
 
     /// Number of fetched bits not yet cleared from the log.
     pub fn pending_pages(&self) -> u64 {
-        let w: u64 = self.seen.iter().map(|v| v.count_ones() as u64).sum();
+        let w: u64 = self.seen.iter().map(|(_, v)| v.count_ones() as u64).sum();
         let t: u64 = self.seen_tail.iter().map(|v| v.count_ones() as u64).sum();
         w + t
     }
@@ -1301,12 +1304,14 @@ impl FetchedLog {
         let mut cleared = 0;
         if first < whole {
             let span = word_span(first, end.min(whole));
-            for w in span.0..=span.1 {
-                let mask = span_mask(w, span);
-                let seen = &mut self.seen[w as usize];
-                let s = *seen & mask;
+            let from = self.seen.partition_point(|&(w, _)| (w as u64) < span.0);
+            for (w, seen) in self.seen[from..].iter_mut() {
+                if *w as u64 > span.1 {
+                    break;
+                }
+                let s = *seen & span_mask(*w as u64, span);
                 if s != 0 {
-                    words[w as usize].fetch_and(!s, Ordering::AcqRel);
+                    words[*w].fetch_and(!s, Ordering::AcqRel);
                     *seen &= !s;
                     cleared += s.count_ones() as u64;
                 }
