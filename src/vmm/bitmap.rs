@@ -717,45 +717,29 @@ impl LeWords for [AtomicU64] {
     }
 }
 
-impl<const N: usize> LeWords for [u64; N] {
-    #[inline(always)]
-    fn word_count(&self) -> usize {
-        N
-    }
-    #[inline(always)]
-    fn word(&self, i: usize) -> u64 {
-        self[i]
-    }
+/// Owned and fixed-size sources read as the slice they hold (same fast `all_zero`).
+macro_rules! le_words_as_slice {
+    ($(impl$([$($g:tt)*])? for $t:ty => $s:ty;)*) => {$(
+        impl$(<$($g)*>)? LeWords for $t {
+            #[inline(always)]
+            fn word_count(&self) -> usize {
+                <$s as LeWords>::word_count(&self[..])
+            }
+            #[inline(always)]
+            fn word(&self, i: usize) -> u64 {
+                <$s as LeWords>::word(&self[..], i)
+            }
+            #[inline(always)]
+            fn all_zero(&self, first: usize, count: usize) -> bool {
+                <$s as LeWords>::all_zero(&self[..], first, count)
+            }
+        }
+    )*};
 }
-
-impl LeWords for Vec<u64> {
-    #[inline(always)]
-    fn word_count(&self) -> usize {
-        self.len()
-    }
-    #[inline(always)]
-    fn word(&self, i: usize) -> u64 {
-        self[i]
-    }
-    #[inline(always)]
-    fn all_zero(&self, first: usize, count: usize) -> bool {
-        self[..].all_zero(first, count)
-    }
-}
-
-impl LeWords for Vec<AtomicU64> {
-    #[inline(always)]
-    fn word_count(&self) -> usize {
-        self.len()
-    }
-    #[inline(always)]
-    fn word(&self, i: usize) -> u64 {
-        self[i].load(Ordering::Acquire)
-    }
-    #[inline(always)]
-    fn all_zero(&self, first: usize, count: usize) -> bool {
-        self[..].all_zero(first, count)
-    }
+le_words_as_slice! {
+    impl[const N: usize] for [u64; N] => [u64];
+    impl for Vec<u64> => [u64];
+    impl for Vec<AtomicU64> => [AtomicU64];
 }
 
 /// The VMM's migration bitmap: one bit per 4 KiB guest page, set = "must be sent (again)".
