@@ -13,23 +13,39 @@
 //!   vm-memory / virtio-queue write log itself.
 //!
 //! - [`backend`]: the adapter that gives any `vhost-user-backend` device dirty logging.
-//! - [`blk`]: the vhost-user-blk device and daemon loop used as the real backend
-//!   (`vhost-dirtylog-blk`).
-//! - [`driver`]: a frontend-side toolkit — in-process VMM, memfd guest RAM, split virtqueue and
-//!   virtio-blk driver — used by the tests, the checker and the benches.
 //! - [`vmm`]: the VMM side — the shared log it allocates, the migration bitmap, and the
 //!   `set_dirty_lebitmap`-style merge, sync, iteration and deferred clearing.
 //!
-//! See `DESIGN.md`-level invariants in the README: no lost dirty page, data before mark, the VMM
-//! never drops a bit it did not consume, hostile input is an error, free when idle.
+//! Those three are the library core and all that builds with `default-features = false`: a VMM
+//! or a backend author links only them, on the rust-vmm crates. The rest is behind features
+//! (all on by default, so a checkout's examples and tests work):
+//!
+//! | feature | modules | what |
+//! |---|---|---|
+//! | `blk` | `blk`, `virtio_blk` | the vhost-user-blk device and daemon loop (`vhost-dirtylog-blk`) |
+//! | `driver` | `driver`, `virtio_blk` | frontend toolkit: in-process VMM, memfd guest RAM, split virtqueue, virtio-blk driver |
+//! | `check` | `check` | the migration checker (`vhost-dirtylog-check`); implies `driver` and `serde` |
+//! | `test-utils` | `test_utils` | fixtures shared by tests, benches, examples and the fuzz crate |
+//! | `serde` | | `Serialize` for statistics and reports |
+//! | `cli` | | argument parsing and logging for the binaries only |
+//!
+//! The invariants every part keeps (no lost dirty page, data before mark, the VMM never drops a
+//! bit it did not consume, hostile input is an error, free when idle) are in the repository's
+//! `DESIGN.md`, each with the tests that fail if it breaks.
 
 #![deny(missing_docs)]
+#![warn(missing_debug_implementations)]
 
 pub mod backend;
+#[cfg(feature = "blk")]
 pub mod blk;
+#[cfg(feature = "check")]
 pub mod check;
+#[cfg(feature = "driver")]
 pub mod driver;
 pub mod log;
+#[cfg(any(feature = "blk", feature = "driver"))]
+pub mod virtio_blk;
 pub mod vmm;
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.

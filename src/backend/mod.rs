@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserShMemConfig, VhostUserSharedMsg, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, GpuBackend};
 use vhost_user_backend::VhostUserBackend;
@@ -82,8 +82,10 @@ fn check_backed(mem: &GuestMemoryMmap<GuestDirtyBitmap>) -> Result<()> {
     Ok(())
 }
 
-/// `VHOST_F_LOG_ALL`: the frontend wants every guest write logged.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// `VHOST_F_LOG_ALL` (virtio feature bit 26): the frontend wants every guest write logged.
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+/// TEMPORARY (removed when the issue-12 branches merge).
+pub const VHOST_F_LOG_ALL: u64 = LOG_ALL;
 
 /// Guest memory as the adapter's devices see it.
 pub type DirtyGuestMemory = GuestMemoryAtomic<GuestMemoryMmap<GuestDirtyBitmap>>;
@@ -109,6 +111,15 @@ pub struct DirtyLogBackend<T> {
     log: DirtyLog,
     /// The last memory table that passed [`check_backed`], put back if a new one fails.
     last_good: Arc<Mutex<Option<GuestMemoryMmap<GuestDirtyBitmap>>>>,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for DirtyLogBackend<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLogBackend")
+            .field("inner", &self.inner)
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T> DirtyLogBackend<T> {
@@ -154,14 +165,13 @@ where
     }
 
     fn features(&self) -> u64 {
-        self.inner.features() | VHOST_F_LOG_ALL
+        self.inner.features() | LOG_ALL
     }
 
     fn acked_features(&self, features: u64) {
-        self.log.set_logging(features & VHOST_F_LOG_ALL != 0);
-        let own = self.inner.features() & VHOST_F_LOG_ALL;
-        self.inner
-            .acked_features(features & !(VHOST_F_LOG_ALL & !own));
+        self.log.set_logging(features & LOG_ALL != 0);
+        let own = self.inner.features() & LOG_ALL;
+        self.inner.acked_features(features & !(LOG_ALL & !own));
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -23,7 +23,7 @@ use vm_memory::volatile_memory::Error as VolatileMemoryError;
 use vm_memory::{ReadVolatile, VolatileSlice, WriteVolatile};
 use vmm_sys_util::fallocate::FallocateMode;
 
-use super::request::{SECTOR_SHIFT, SECTOR_SIZE};
+use crate::virtio_blk::{SECTOR_SHIFT, SECTOR_SIZE};
 
 /// Why the disk could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -270,12 +270,19 @@ fn fallocate(file: &File, punch: bool, offset: u64, len: u64) -> io::Result<()> 
     }
 }
 
+// Block-device ioctls (linux/fs.h): BLKSSZGET = _IO(0x12, 104) answers the logical block size
+// as an int, BLKGETSIZE64 = _IOR(0x12, 114, size_t) the device size in bytes as a u64.
+mod ioctls {
+    vmm_sys_util::ioctl_io_nr!(BLKSSZGET, 0x12, 104);
+    vmm_sys_util::ioctl_ior_nr!(BLKGETSIZE64, 0x12, 114, u64);
+}
+use ioctls::{BLKGETSIZE64, BLKSSZGET};
+
 fn block_device_size(file: &File) -> io::Result<u64> {
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
     let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live local.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    // SAFETY: BLKGETSIZE64 writes one u64 through the reference, which points to a live local;
+    // `file` is an open descriptor for the call's duration.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(file, BLKGETSIZE64(), &mut size) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -312,11 +319,10 @@ fn direct_align(file: &File, block_device: bool) -> DirectAlign {
         }
     }
     if block_device {
-        // BLKSSZGET = _IO(0x12, 104)
-        const BLKSSZGET: libc::c_ulong = 0x1268;
         let mut ssz: libc::c_int = 0;
-        // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut ssz as *mut _) };
+        // SAFETY: BLKSSZGET writes one int through the reference, which points to a live local;
+        // `file` is an open descriptor for the call's duration.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(file, BLKSSZGET(), &mut ssz) };
         if rc == 0 && ssz > 0 && (ssz as u32).is_power_of_two() {
             return DirectAlign {
                 mem: ssz as usize,

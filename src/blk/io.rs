@@ -19,8 +19,9 @@ use vm_memory::{
 };
 
 use super::disk::{pread_exact, pwrite_all, vectored_all, AlignedBuf, Dir, Disk, HostIov};
-use super::request::{Request, RequestKind, Segment, ID_BYTES};
+use super::request::{Request, RequestKind, Segment};
 use crate::log::{DirtyLog, GuestDirtyBitmap};
+use crate::virtio_blk::ID_BYTES;
 
 /// Guest memory as the device sees it.
 pub type Mem = GuestMemoryMmap<GuestDirtyBitmap>;

@@ -51,9 +51,10 @@ use vmm_sys_util::event::{
 
 use crate::backend::{DirtyGuestMemory, DirtyLogBackend};
 use crate::log::{DirtyLog, GuestDirtyBitmap};
+use crate::virtio_blk::{BlkConfigSpace, CONFIG_WCE_OFFSET, ID_BYTES};
 use disk::Disk;
 use io::{DataPath, IoContext, Mem};
-use request::{Limits, ID_BYTES};
+use request::Limits;
 
 /// Largest queue size the device accepts.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -119,18 +120,6 @@ impl BlkConfig {
         Ok(())
     }
 }
-
-/// The virtio-blk config space, byte-exact (`struct virtio_blk_config`, 96 bytes, little-endian).
-#[repr(transparent)]
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct BlkConfigSpace(pub virtio_blk_config);
-
-// SAFETY: `virtio_blk_config` is `repr(C, packed)` and made only of integers and arrays of
-// integers, so it has no padding and every bit pattern is a valid value.
-unsafe impl ByteValued for BlkConfigSpace {}
-
-/// Offset of the `wce` byte in the config space.
-pub const CONFIG_WCE_OFFSET: u32 = 32;
 
 /// Counters of one queue.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -35,16 +35,10 @@ use virtio_queue::DescriptorChain;
 use vm_memory::guest_memory::Permissions;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemory};
 
-/// Bytes per virtio-blk sector; `sector` fields and `capacity` count in this unit.
-pub const SECTOR_SIZE: u64 = 512;
-/// log2 of [`SECTOR_SIZE`].
-pub const SECTOR_SHIFT: u32 = 9;
-/// Size of the request header (`struct virtio_blk_outhdr`).
-pub const HEADER_SIZE: u64 = 16;
-/// Size of one discard / write-zeroes segment (`struct virtio_blk_discard_write_zeroes`).
-pub const SEGMENT_SIZE: u64 = 16;
-/// Length of the `GET_ID` answer (`VIRTIO_BLK_ID_BYTES`).
-pub const ID_BYTES: usize = 20;
+use crate::virtio_blk::{
+    DiscardWriteZeroes, OutHdr, HEADER_SIZE, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEGMENT_SIZE,
+};
+
 /// Hard cap on descriptors per chain the parser will look at, whatever the queue size
 /// (an indirect table can hold up to 65535 descriptors).
 pub const MAX_CHAIN_DESCRIPTORS: usize = 4096;
@@ -80,10 +74,10 @@ impl Default for Limits {
             read_only: false,
             discard: true,
             write_zeroes: true,
-            max_discard_sectors: 1 << 22,
-            max_discard_seg: 32,
-            max_write_zeroes_sectors: 1 << 22,
-            max_write_zeroes_seg: 32,
+            max_discard_sectors: super::MAX_DISCARD_SECTORS,
+            max_discard_seg: super::MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: super::MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: super::MAX_DISCARD_SEG,
         }
     }
 }
@@ -260,18 +254,6 @@ impl fmt::Display for RequestError {
 
 impl std::error::Error for RequestError {}
 
-/// The wire format of a discard / write-zeroes segment.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct RawSegment {
-    sector: u64,
-    num_sectors: u32,
-    flags: u32,
-}
-
-// SAFETY: plain old data: integers only, no padding (8 + 4 + 4 bytes, align 8).
-unsafe impl ByteValued for RawSegment {}
-
 /// Parses a chain popped from a virtio-queue [`Queue`](virtio_queue::Queue).
 pub fn parse_chain<M>(chain: DescriptorChain<M>, limits: &Limits) -> Result<Request, RequestError>
 where
@@ -373,17 +355,16 @@ where
 
     // Header: first 16 readable bytes, possibly split.
     let readable_len: u64 = readable.iter().map(|s| u64::from(s.len)).sum();
-    if readable_len < HEADER_SIZE {
+    let header_size = u64::from(HEADER_SIZE);
+    if readable_len < header_size {
         return Err(fail(ErrorReason::ShortHeader));
     }
-    let mut hdr = [0u8; HEADER_SIZE as usize];
-    read_stream(mem, &readable, 0, &mut hdr).map_err(|_| fail(ErrorReason::BadAddress))?;
-    let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let sector = u64::from_le_bytes([
-        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-    ]);
-    let payload = sub_stream(&readable, HEADER_SIZE);
-    let payload_len = readable_len - HEADER_SIZE;
+    let mut hdr = OutHdr::default();
+    read_stream(mem, &readable, 0, hdr.as_mut_slice())
+        .map_err(|_| fail(ErrorReason::BadAddress))?;
+    let (req_type, sector) = (u32::from_le(hdr.req_type()), u64::from_le(hdr.sector()));
+    let payload = sub_stream(&readable, header_size);
+    let payload_len = readable_len - header_size;
     let writable_len: u64 = writable.iter().map(|s| u64::from(s.len)).sum();
 
     let kind = match req_type {
@@ -458,21 +439,22 @@ where
             } else {
                 (limits.max_write_zeroes_seg, limits.max_write_zeroes_sectors)
             };
+            let segment_size = u64::from(SEGMENT_SIZE);
             if payload_len == 0
-                || payload_len % SEGMENT_SIZE != 0
-                || payload_len / SEGMENT_SIZE > u64::from(max_seg)
+                || payload_len % segment_size != 0
+                || payload_len / segment_size > u64::from(max_seg)
             {
                 return Err(fail(ErrorReason::BadSegments));
             }
-            let n = (payload_len / SEGMENT_SIZE) as usize;
+            let n = (payload_len / segment_size) as usize;
             let mut ranges = Vec::with_capacity(n);
             for i in 0..n {
-                let mut raw = RawSegment::default();
-                read_stream(mem, &payload, i as u64 * SEGMENT_SIZE, raw.as_mut_slice())
+                let mut raw = DiscardWriteZeroes::default();
+                read_stream(mem, &payload, i as u64 * segment_size, raw.as_mut_slice())
                     .map_err(|_| fail(ErrorReason::BadAddress))?;
-                let seg_sector = u64::from_le(raw.sector);
-                let num_sectors = u32::from_le(raw.num_sectors);
-                let flags = u32::from_le(raw.flags);
+                let seg_sector = u64::from_le(raw.sector());
+                let num_sectors = u32::from_le(raw.num_sectors());
+                let flags = u32::from_le(raw.flags());
                 let allowed = if discard {
                     0
                 } else {
@@ -728,11 +710,7 @@ mod tests {
         let m = mem();
         let l = limits();
         hdr(&m, 0x1000, VIRTIO_BLK_T_DISCARD, 0);
-        let seg = RawSegment {
-            sector: 8u64.to_le(),
-            num_sectors: 8u32.to_le(),
-            flags: 0,
-        };
+        let seg = DiscardWriteZeroes::new(8, 8, 0);
         m.write_obj(seg, GuestAddress(0x1010)).unwrap();
         let r = parse_descriptors([d(0x1000, 32, N), d(0x3000, 1, W)], &m, &l).unwrap();
         assert_eq!(
@@ -744,28 +722,16 @@ mod tests {
             }])
         );
         // Unmap flag on discard: UNSUPP.
-        m.write_obj(
-            RawSegment {
-                flags: 1u32.to_le(),
-                ..seg
-            },
-            GuestAddress(0x1010),
-        )
-        .unwrap();
+        m.write_obj(DiscardWriteZeroes::new(8, 8, 1), GuestAddress(0x1010))
+            .unwrap();
         let e = parse_descriptors([d(0x1000, 32, N), d(0x3000, 1, W)], &m, &l).unwrap_err();
         assert_eq!(e.status_code(), VIRTIO_BLK_S_UNSUPP as u8);
         // Partial segment.
         let e = parse_descriptors([d(0x1000, 30, N), d(0x3000, 1, W)], &m, &l).unwrap_err();
         assert_eq!(e.reason, ErrorReason::BadSegments);
         // Past the end.
-        m.write_obj(
-            RawSegment {
-                sector: 60u64.to_le(),
-                ..seg
-            },
-            GuestAddress(0x1010),
-        )
-        .unwrap();
+        m.write_obj(DiscardWriteZeroes::new(60, 8, 0), GuestAddress(0x1010))
+            .unwrap();
         let e = parse_descriptors([d(0x1000, 32, N), d(0x3000, 1, W)], &m, &l).unwrap_err();
         assert_eq!(e.reason, ErrorReason::OutOfRange);
     }

@@ -13,7 +13,7 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::ByteValued;
 
 use super::{Buf, DriverError, GuestRam, QueueLayout, SplitQueue, UsedElem};
-use crate::blk::BlkConfigSpace;
+use crate::virtio_blk::BlkConfigSpace;
 
 /// Bytes per sector.
 pub const SECTOR_SIZE: u64 = 512;

@@ -34,7 +34,8 @@ struct Shared {
 }
 
 /// Counters of marks that could not be recorded. All zero in a healthy run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct LogStats {
     /// Pages asked for past the end of the log (never written).
     pub out_of_range_pages: u64,
