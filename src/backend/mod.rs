@@ -15,6 +15,7 @@
 //! | `SET_MEM_TABLE` / `ADD_MEM_REGION` | maps the regions with bitmaps from `NewBitmap::with_len` (unbound, and in the stock crate *unlogged*), publishes the memory, then calls `update_memory` | every region of the new memory is bound to the log at its guest-physical address in `update_memory`; a write that lands in a region between publication and binding raises the region's flag, and binding marks the whole region (SeqCst handshake, see [`crate::log`]'s bitmap docs) |
 //! | `REM_MEM_REGION` | drops the region | nothing: marks already made stay in the log |
 //! | a region whose fd is shorter than the region | maps it anyway (vm-memory does not check), the first access raises `SIGBUS` | `update_memory` `fstat`s every file-backed region, puts the previous memory table back and fails the message |
+//! | `SET_VRING_ADDR` on a running ring (QEMU re-sends it to flip `VHOST_VRING_F_LOG`) | sets the addresses, reads `used->idx` from guest memory and sets the ring's next used index to it, in three lock steps: a completion published in between is wound back | the adapter's vring type [`AdapterVring`] applies that index only while the ring is not started, so a running ring keeps its own next used index (see [`vring`](AdapterVring)'s docs) |
 //! | `GET_VRING_BASE` | stops the ring, calls `stop_vring` | delegated; the device completes (and, through the bitmap, marks) in-flight requests before returning, so the reply follows the last mark |
 //!
 //! **LOG_ALL racing a write.** The mark path reads the logging flag with a relaxed load (the
@@ -43,6 +44,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::log::{DirtyLog, GuestDirtyBitmap};
+
+mod vring;
+use vring::inner_vrings;
+pub use vring::AdapterVring;
 
 /// Checks that every file-backed region has file behind all of its pages.
 ///
@@ -154,7 +159,7 @@ where
     T: VhostUserBackend<Bitmap = GuestDirtyBitmap>,
 {
     type Bitmap = GuestDirtyBitmap;
-    type Vring = T::Vring;
+    type Vring = AdapterVring<T::Vring>;
 
     fn num_queues(&self) -> usize {
         self.inner.num_queues()
@@ -248,7 +253,7 @@ where
         thread_id: usize,
     ) -> Result<()> {
         self.inner
-            .handle_event(device_event, evset, vrings, thread_id)
+            .handle_event(device_event, evset, inner_vrings(vrings), thread_id)
     }
 
     fn set_device_state_fd(
