@@ -30,6 +30,8 @@ pub mod blk;
 pub mod check;
 pub mod driver;
 pub mod log;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;
 pub mod vmm;
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.
