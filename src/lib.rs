@@ -44,6 +44,8 @@ pub mod check;
 #[cfg(feature = "driver")]
 pub mod driver;
 pub mod log;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;
 #[cfg(any(feature = "blk", feature = "driver"))]
 pub mod virtio_blk;
 pub mod vmm;

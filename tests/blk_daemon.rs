@@ -68,7 +68,7 @@ fn blk_daemon_help_and_usage_errors() {
         err.contains("cannot open disk image /nonexistent/disk.img"),
         "{err}"
     );
-    let env = Env::new(4096);
+    let env = disk_dir(4096);
     let img = env.image.to_str().unwrap();
     let err = run(&[img]);
     assert!(err.contains("--socket-path"), "{err}");
@@ -99,7 +99,7 @@ fn blk_daemon_help_and_usage_errors() {
 
 #[test]
 fn blk_daemon_serves_again_after_disconnect() {
-    let mut d = Daemon::spawn(IMAGE_SIZE, &["--num-queues", "2"]);
+    let mut d = spawn(IMAGE_SIZE, &["--num-queues", "2"]);
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     {
         let mut vm = Vm::new(d.connect(), 2);
@@ -134,7 +134,7 @@ fn blk_daemon_serves_again_after_disconnect() {
             .read(0, &[(DATA_BASE + 0x20000, 4096)], T)
             .unwrap()
             .is_ok());
-        assert!(dirty_pages(&log).contains(&((DATA_BASE + 0x20000) >> 12)));
+        assert!(set_pages(&log).any(|p| p == (DATA_BASE + 0x20000) >> 12));
         // A clean shutdown of the rings this time.
         vm.conn.stop_queue(0).unwrap();
         vm.conn.stop_queue(1).unwrap();
@@ -146,7 +146,7 @@ fn blk_daemon_serves_again_after_disconnect() {
 #[test]
 fn blk_daemon_sigterm_removes_socket() {
     for sig in [libc::SIGTERM, libc::SIGINT] {
-        let mut d = Daemon::spawn(IMAGE_SIZE, &[]);
+        let mut d = spawn(IMAGE_SIZE, &[]);
         // Also while a frontend is connected.
         let _vm = Vm::new(d.connect(), 1);
         // SAFETY: kill() with a child pid we own and a valid signal number.
@@ -169,7 +169,7 @@ fn blk_daemon_sigterm_removes_socket() {
 
 #[test]
 fn blk_daemon_inherited_fd() {
-    let env = Env::new(IMAGE_SIZE);
+    let env = disk_dir(IMAGE_SIZE);
     let listener = UnixListener::bind(&env.sock).unwrap();
     // std sets CLOEXEC; the child needs an inheritable copy (dup clears the flag).
     // SAFETY: dup of a valid descriptor we own; the result is checked and owned below.
@@ -188,7 +188,7 @@ fn blk_daemon_inherited_fd() {
         .unwrap();
     drop(fd);
     drop(listener);
-    let mut d = Daemon { child, env };
+    let mut d = DaemonProcess::adopt(child, env);
     let mut vm = Vm::new(d.connect(), 1);
     assert!(vm.queues[0]
         .read(8, &[(DATA_BASE, 4096)], T)

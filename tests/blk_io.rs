@@ -6,7 +6,7 @@ mod blk_support;
 use std::os::unix::fs::FileExt;
 
 use blk_support::*;
-use vhost_dirtylog::backend::VHOST_F_LOG_ALL;
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_dirtylog::driver::blk::{
     BlkConfigInfo, BlkOp, BlkStatus, DiscardSegment, HEADER_SIZE, STATUS_PENDING,
 };
@@ -14,9 +14,11 @@ use vhost_dirtylog::driver::{Buf, RegionSpec};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+
 #[test]
 fn blk_read_write_flush_roundtrip() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::new(d.connect(), 1);
     let q = &mut vm.queues[0];
 
@@ -58,7 +60,7 @@ fn blk_read_write_flush_roundtrip() {
 
 #[test]
 fn blk_get_id_and_config_space() {
-    let d = Daemon::spawn(
+    let d = spawn(
         IMAGE_SIZE,
         &["--serial", "disk-serial-42", "--queue-size", "128"],
     );
@@ -92,7 +94,7 @@ fn blk_get_id_and_config_space() {
     ] {
         assert!(f & (1 << bit) != 0, "feature bit {bit} not offered");
     }
-    assert!(f & VHOST_F_LOG_ALL != 0);
+    assert!(f & LOG_ALL != 0);
     assert!(f & (1 << VIRTIO_BLK_F_RO) == 0);
     assert!(vm
         .conn
@@ -129,7 +131,7 @@ fn blk_get_id_and_config_space() {
 
 #[test]
 fn blk_discard_and_write_zeroes() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::new(d.connect(), 1);
     let q = &mut vm.queues[0];
     let file = std::fs::File::open(d.image()).unwrap();
@@ -210,7 +212,7 @@ fn blk_discard_and_write_zeroes() {
 
 #[test]
 fn blk_read_only() {
-    let d = Daemon::spawn(IMAGE_SIZE, &["--read-only"]);
+    let d = spawn(IMAGE_SIZE, &["--read-only"]);
     let mut vm = Vm::new(d.connect(), 1);
     let f = vm.conn.offered_features();
     assert!(f & (1 << VIRTIO_BLK_F_RO) != 0, "RO not offered");
@@ -243,7 +245,7 @@ fn blk_read_only() {
 
 #[test]
 fn blk_multiqueue_concurrent() {
-    let d = Daemon::spawn(IMAGE_SIZE, &["--num-queues", "3"]);
+    let d = spawn(IMAGE_SIZE, &["--num-queues", "3"]);
     let vm = Vm::new(d.connect(), 3);
     assert_eq!(vm.conn.queue_num(), 3);
     let ram = vm.ram.clone();
@@ -305,13 +307,13 @@ fn blk_multiqueue_concurrent() {
 
 #[test]
 fn blk_without_event_idx() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::with(
         d.connect(),
         &[RegionSpec::new(0, RAM_SIZE)],
         1,
         64,
-        !(VHOST_F_LOG_ALL | (1 << VIRTIO_RING_F_EVENT_IDX)),
+        !(LOG_ALL | (1 << VIRTIO_RING_F_EVENT_IDX)),
     );
     assert!(!vm.conn.event_idx());
     let q = &mut vm.queues[0];
@@ -339,7 +341,7 @@ fn blk_without_event_idx() {
 
 #[test]
 fn blk_malformed_chains_fail_cleanly() {
-    let mut d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let mut d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::new(d.connect(), 1);
     let ram = vm.ram.clone();
     let q = &mut vm.queues[0];
@@ -493,13 +495,13 @@ fn blk_malformed_chains_fail_cleanly() {
 
 #[test]
 fn blk_many_in_flight_and_ring_wrap() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::with(
         d.connect(),
         &[RegionSpec::new(0, RAM_SIZE)],
         1,
         16,
-        !VHOST_F_LOG_ALL,
+        !LOG_ALL,
     );
     let q = &mut vm.queues[0];
     // 16-entry ring, 3-descriptor chains: 5 in flight at a time, 40 rounds wrap the indices.

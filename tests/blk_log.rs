@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use blk_support::*;
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_dirtylog::blk::BlkConfig;
 use vhost_dirtylog::driver::blk::BlkOp;
 use vhost_dirtylog::driver::{BlkQueue, GuestRam, RegionSpec};
@@ -19,7 +20,7 @@ fn set(it: impl IntoIterator<Item = u64>) -> BTreeSet<u64> {
 }
 
 fn logged(log: &SharedLog) -> BTreeSet<u64> {
-    set(dirty_pages(log))
+    set(set_pages(log))
 }
 
 fn used_pages(q: &BlkQueue) -> BTreeSet<u64> {
@@ -54,7 +55,7 @@ fn run_checked(vm: &mut Vm, qi: usize, op: BlkOp<'_>, log: Option<&SharedLog>) -
 
 #[test]
 fn blk_log_all_marks_exactly_the_written_pages() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::new(d.connect(), 1);
     let log = vm.start_logging(RAM_SIZE);
     // Nothing but the used ring (the device may re-arm notifications there when the queue
@@ -77,7 +78,7 @@ fn blk_log_all_marks_exactly_the_written_pages() {
         },
         Some(&log),
     );
-    let mut want = set(pages(b1, 4608).chain(pages(b2, 1024)));
+    let mut want = set(pages_covering(b1, 4608).chain(pages_covering(b2, 1024)));
     want.insert(status_page);
     want.extend(used_pages(&vm.queues[0]));
     assert_eq!(logged(&log), want);
@@ -107,7 +108,7 @@ fn blk_log_all_marks_exactly_the_written_pages() {
     log.region().clear_all();
     let b4 = DATA_BASE + 0x50ff0; // straddles two pages
     let status_page = run_checked(&mut vm, 0, BlkOp::GetId { buf: (b4, 20) }, Some(&log));
-    let mut want = set(pages(b4, 20));
+    let mut want = set(pages_covering(b4, 20));
     want.insert(status_page);
     want.extend(used_pages(&vm.queues[0]));
     assert_eq!(logged(&log), want);
@@ -115,7 +116,7 @@ fn blk_log_all_marks_exactly_the_written_pages() {
 
 #[test]
 fn blk_log_all_off_marks_nothing() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::new(d.connect(), 1);
     let log = SharedLog::new(RAM_SIZE).unwrap();
     vm.conn.set_log_base(log.dirty_log_region()).unwrap();
@@ -153,7 +154,7 @@ fn blk_log_all_off_marks_nothing() {
 
 #[test]
 fn blk_log_multi_region_and_hotplug_after_set_log_base() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     // Two regions with a hole; a third is hot-added after the log is attached.
     let hi = 12 << 20;
     let hot = 20 << 20;
@@ -162,7 +163,7 @@ fn blk_log_multi_region_and_hotplug_after_set_log_base() {
         &[RegionSpec::new(0, RAM_SIZE), RegionSpec::new(hi, 2 << 20)],
         1,
         128,
-        !vhost_dirtylog::backend::VHOST_F_LOG_ALL,
+        !VhostUserVirtioFeatures::LOG_ALL.bits(),
     );
     let log = vm.start_logging(hot + (1 << 20));
 
@@ -177,7 +178,7 @@ fn blk_log_multi_region_and_hotplug_after_set_log_base() {
         },
         Some(&log),
     );
-    let mut want = set(pages(b, 8192));
+    let mut want = set(pages_covering(b, 8192));
     want.insert(sp);
     want.extend(used_pages(&vm.queues[0]));
     assert_eq!(logged(&log), want);
@@ -200,7 +201,7 @@ fn blk_log_multi_region_and_hotplug_after_set_log_base() {
         vm.ram.read_vec(b, 4096).unwrap(),
         image_bytes(16 * 512, 4096)
     );
-    let mut want = set(pages(b, 4096));
+    let mut want = set(pages_covering(b, 4096));
     want.insert(sp);
     want.extend(used_pages(&vm.queues[0]));
     assert_eq!(logged(&log), want);
@@ -224,7 +225,7 @@ fn blk_log_multi_region_and_hotplug_after_set_log_base() {
 
 #[test]
 fn blk_log_replacement_moves_marks_to_the_new_log() {
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::new(d.connect(), 1);
     let log1 = vm.start_logging(RAM_SIZE);
     let b1 = DATA_BASE;
@@ -253,7 +254,7 @@ fn blk_log_replacement_moves_marks_to_the_new_log() {
         },
         Some(&log2),
     );
-    let mut want = set(pages(b2, 4096));
+    let mut want = set(pages_covering(b2, 4096));
     want.insert(sp);
     want.extend(used_pages(&vm.queues[0]));
     assert_eq!(logged(&log2), want);
@@ -268,7 +269,7 @@ fn blk_log_replacement_moves_marks_to_the_new_log() {
 fn blk_get_vring_base_quiesces_the_ring() {
     const BUF: u64 = 16 * 1024;
     const NBUF: u64 = 32;
-    let d = Daemon::spawn(IMAGE_SIZE, &[]);
+    let d = spawn(IMAGE_SIZE, &[]);
     let mut vm = Vm::new(d.connect(), 1);
     let log = vm.start_logging(RAM_SIZE);
     let Vm {
@@ -385,8 +386,8 @@ fn blk_get_vring_base_quiesces_the_ring() {
 
 #[test]
 fn blk_log_direct_io_marks_both_paths() {
-    let env = Env::new(IMAGE_SIZE);
-    let srv = InProcess::start(env, false, true, BlkConfig::default());
+    let env = disk_dir(IMAGE_SIZE);
+    let srv = InProcessBlk::start(env, false, true, BlkConfig::default());
     let mut vm = Vm::new(srv.connect(), 1);
     let log = vm.start_logging(RAM_SIZE);
 
@@ -409,7 +410,7 @@ fn blk_log_direct_io_marks_both_paths() {
         vm.ram.read_vec(b + 0x3000, 8192).unwrap(),
         image_bytes(24 * 512, 8192)
     );
-    let mut want = set(pages(b, 4096).chain(pages(b + 0x3000, 8192)));
+    let mut want = set(pages_covering(b, 4096).chain(pages_covering(b + 0x3000, 8192)));
     want.insert(sp);
     want.extend(used_pages(&vm.queues[0]));
     assert_eq!(logged(&log), want);
@@ -432,7 +433,7 @@ fn blk_log_direct_io_marks_both_paths() {
         vm.ram.read_vec(b, 4096).unwrap(),
         image_bytes(32 * 512, 4096)
     );
-    let mut want = set(pages(b, 4096));
+    let mut want = set(pages_covering(b, 4096));
     want.insert(sp);
     want.extend(used_pages(&vm.queues[0]));
     assert_eq!(logged(&log), want);
@@ -463,14 +464,14 @@ fn blk_log_direct_io_marks_both_paths() {
     assert_eq!(stats.direct_bounce, 2, "{stats:?}");
     assert_eq!(stats.errors, 0);
     drop(vm);
-    srv.join();
+    let _ = srv.join();
 }
 
 #[test]
 fn blk_drop_marks_switch() {
     // Without the `test-drop-marks` feature the variable must be ignored; with it, the daemon
     // must advertise logging but never mark.
-    let env = Env::new(IMAGE_SIZE);
+    let env = disk_dir(IMAGE_SIZE);
     let child = std::process::Command::new(BIN)
         .arg("--socket-path")
         .arg(&env.sock)
@@ -479,10 +480,10 @@ fn blk_drop_marks_switch() {
         .env("VHOST_DIRTYLOG_TEST_DROP_MARKS", "1")
         .spawn()
         .unwrap();
-    let d = Daemon { child, env };
+    let d = DaemonProcess::adopt(child, env);
     d.wait_socket();
     let mut vm = Vm::new(d.connect(), 1);
-    assert!(vm.conn.offered_features() & vhost_dirtylog::backend::VHOST_F_LOG_ALL != 0);
+    assert!(vm.conn.offered_features() & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
     let log = vm.start_logging(RAM_SIZE);
     assert!(vm.queues[0]
         .read(0, &[(DATA_BASE, 4096)], T)

@@ -5,15 +5,14 @@
 //! a backend that cannot log. If qemu-storage-daemon is installed, it is checked too and its
 //! result printed (whatever it is).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tempfile::TempDir;
-use vhost::vhost_user::Listener;
-use vhost_dirtylog::backend::{DirtyLogBackend, VHOST_F_LOG_ALL};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost_dirtylog::backend::DirtyLogBackend;
 use vhost_dirtylog::blk::disk::Disk;
 use vhost_dirtylog::blk::{BlkConfig, BlkDevice};
 use vhost_dirtylog::check::{
@@ -21,77 +20,26 @@ use vhost_dirtylog::check::{
     EXIT_UNSUPPORTED,
 };
 use vhost_dirtylog::log::DirtyLog;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_dirtylog::test_utils::blk::spawn_blk;
+use vhost_dirtylog::test_utils::{DaemonDir, DaemonProcess, InProcessDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_vhost-dirtylog-blk");
 const CHECKER: &str = env!("CARGO_BIN_EXE_vhost-dirtylog-check");
 const QSD: &str = "/usr/bin/qemu-storage-daemon";
 const DISK: u64 = 8 << 20;
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
-/// A temp dir with a sparse disk image and a socket path.
-struct Env {
-    /// Removed (with the image and socket) on drop.
-    _dir: TempDir,
-    image: PathBuf,
-    sock: PathBuf,
-}
-
-impl Env {
-    fn new() -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("migration-test")
-            .tempdir()
-            .unwrap();
-        let image = dir.path().join("disk.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(DISK)
-            .unwrap();
-        let sock = dir.path().join("blk.sock");
-        Env {
-            _dir: dir,
-            image,
-            sock,
-        }
-    }
-}
-
-/// A child process, killed on drop, and its directory.
-struct Proc {
-    child: Child,
-    env: Env,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A scratch directory with a sparse disk image of `DISK` bytes and a socket path.
+fn env() -> DaemonDir {
+    let env = DaemonDir::new("migration-test");
+    env.sparse_image(DISK);
+    env
 }
 
 /// Our daemon binary with 2 queues; it serves one frontend after another (reconnects).
-fn daemon() -> Proc {
-    let env = Env::new();
-    let child = Command::new(DAEMON)
-        .arg("--socket-path")
-        .arg(&env.sock)
-        .args(["--num-queues", "2"])
-        .arg(&env.image)
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn daemon");
-    // `connect` probes would each be a frontend session; wait for the file instead.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !env.sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Proc { child, env }
+fn daemon() -> DaemonProcess {
+    spawn_blk(DAEMON, env(), &["--num-queues", "2"], "error")
 }
 
 /// Small and short, so the whole file runs quickly in debug builds on two cores.
@@ -281,13 +229,13 @@ mod wrapper {
         }
         fn features(&self) -> u64 {
             match self.broken {
-                Some(Broken::CannotLog) => self.inner.features() & !VHOST_F_LOG_ALL,
+                Some(Broken::CannotLog) => self.inner.features() & !LOG_ALL,
                 _ => self.inner.features(),
             }
         }
         fn acked_features(&self, features: u64) {
             match self.broken {
-                Some(Broken::NeverLogs) => self.inner.acked_features(features & !VHOST_F_LOG_ALL),
+                Some(Broken::NeverLogs) => self.inner.acked_features(features & !LOG_ALL),
                 _ => self.inner.acked_features(features),
             }
         }
@@ -361,7 +309,7 @@ mod wrapper {
 
 /// Serves one frontend in-process with our device, broken as asked; returns the device's log
 /// handle (for tests that switch it behind the frontend's back).
-fn serve_in_process(env: &Env, broken: Option<Broken>) -> DirtyLog {
+fn serve_in_process(env: &DaemonDir, broken: Option<Broken>) -> DirtyLog {
     let disk = Arc::new(Disk::open(&env.image, false, false).unwrap());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let config = BlkConfig {
@@ -370,20 +318,14 @@ fn serve_in_process(env: &Env, broken: Option<Broken>) -> DirtyLog {
     };
     let inner = BlkDevice::into_backend(disk, config, mem.clone()).unwrap();
     let log = inner.log().clone();
-    let mut daemon =
-        VhostUserDaemon::new("broken-blk".into(), Wrapper { inner, broken }, mem).unwrap();
-    let mut listener = Listener::new(&env.sock, true).unwrap();
-    std::thread::spawn(move || {
-        if daemon.start(&mut listener).is_ok() {
-            let _ = daemon.wait();
-        }
-    });
+    // Serves until the test ends (the fixture does not wait for the thread when dropped).
+    InProcessDaemon::serve(Wrapper { inner, broken }, mem, &env.sock);
     log
 }
 
 #[test]
 fn checker_catches_a_backend_that_never_marks() {
-    let env = Env::new();
+    let env = env();
     serve_in_process(&env, Some(Broken::NeverLogs));
     let r = check::run(&opts(&env.sock)).unwrap();
     println!("{}", r.summary());
@@ -398,7 +340,7 @@ fn checker_catches_a_backend_that_never_marks() {
 #[test]
 fn checker_catches_brief_logging_gaps() {
     // Logging drops out for 5 ms in every 50 ms: most writes are marked, some are not.
-    let env = Env::new();
+    let env = env();
     let log = serve_in_process(&env, None);
     let stop = Arc::new(AtomicBool::new(false));
     let flicker = {
@@ -431,7 +373,7 @@ fn checker_catches_brief_logging_gaps() {
 
 #[test]
 fn checker_refuses_a_backend_without_logging() {
-    let env = Env::new();
+    let env = env();
     serve_in_process(&env, Some(Broken::CannotLog));
     let e = check::run(&opts(&env.sock)).unwrap_err();
     assert!(matches!(e, CheckError::Unsupported(_)), "{e}");
@@ -451,7 +393,7 @@ fn qemu_storage_daemon_under_the_checker() {
         println!("note: {QSD} not installed; skipping the qemu-storage-daemon check");
         return;
     }
-    let env = Env::new();
+    let env = env();
     let child = Command::new(QSD)
         .arg("--blockdev")
         .arg(format!(
@@ -468,17 +410,9 @@ fn qemu_storage_daemon_under_the_checker() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn qemu-storage-daemon");
-    let sock = env.sock.clone();
-    let _qsd = Proc { child, env };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let r = check::run(&opts(&sock)).unwrap_or_else(|e| panic!("protocol error: {e}"));
+    let qsd = DaemonProcess::adopt(child, env);
+    qsd.wait_socket();
+    let r = check::run(&opts(&qsd.env.sock)).unwrap_or_else(|e| panic!("protocol error: {e}"));
     println!(
         "qemu-storage-daemon: {} lost page(s), {} request(s) in flight at GET_VRING_BASE, stop error: {:?}\n{}",
         r.lost_pages,

@@ -21,6 +21,7 @@
 
 use std::io::Read;
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,7 +38,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::{DriverError, GuestRam, QueueLayout, RemovedRegion, SplitQueue};
-use crate::backend::VHOST_F_LOG_ALL;
+
+/// `VHOST_F_LOG_ALL` as a feature-word bit.
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
 /// Queues assumed before `GET_QUEUE_NUM` (or when the backend lacks `MQ`).
 const DEFAULT_MAX_QUEUES: u64 = 64;
@@ -248,7 +251,7 @@ impl Connection {
     /// `REPLY_ACK`, `CONFIG` and `CONFIGURE_MEM_SLOTS`.
     pub fn negotiate_blk(&mut self) -> Result<u64, DriverError> {
         self.negotiate(
-            !VHOST_F_LOG_ALL,
+            !LOG_ALL,
             VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::LOG_SHMFD
                 | VhostUserProtocolFeatures::REPLY_ACK
@@ -332,7 +335,7 @@ impl Connection {
     }
     /// `VHOST_F_LOG_ALL` currently acked.
     pub fn log_all(&self) -> bool {
-        self.acked & VHOST_F_LOG_ALL != 0
+        self.acked & LOG_ALL != 0
     }
 
     /// `SET_FEATURES`.
@@ -346,13 +349,13 @@ impl Connection {
 
     /// Turns dirty logging on or off: `SET_FEATURES` with or without `VHOST_F_LOG_ALL`.
     pub fn set_log_all(&mut self, on: bool) -> Result<(), DriverError> {
-        if on && self.offered & VHOST_F_LOG_ALL == 0 {
+        if on && self.offered & LOG_ALL == 0 {
             return Err(DriverError::Feature("VHOST_F_LOG_ALL"));
         }
         let f = if on {
-            self.acked | VHOST_F_LOG_ALL
+            self.acked | LOG_ALL
         } else {
-            self.acked & !VHOST_F_LOG_ALL
+            self.acked & !LOG_ALL
         };
         self.set_features(f)
     }
@@ -365,6 +368,22 @@ impl Connection {
             return Err(DriverError::Feature("VHOST_USER_PROTOCOL_F_LOG_SHMFD"));
         }
         self.guard("the reply to SET_LOG_BASE", |c| c.send_log_base(&log))
+    }
+
+    /// [`set_log_base`](Self::set_log_base) with the `size` bytes at `offset` of `fd` (a memfd,
+    /// say): what a VMM holds, rather than `vhost`'s message struct. `offset` and `size` are
+    /// sent as given, so a test can also hand the backend a log that does not fit its fd.
+    pub fn set_log_fd(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+    ) -> Result<(), DriverError> {
+        self.set_log_base(VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: offset,
+            mmap_handle: fd.as_raw_fd(),
+        })
     }
 
     fn send_log_base(&mut self, log: &VhostUserDirtyLogRegion) -> Result<(), DriverError> {
@@ -549,7 +568,7 @@ mod tests {
     /// answers `SET_LOG_BASE` with `log_reply` payload bytes and stops answering
     /// `GET_FEATURES` after `answer_features` of them.
     fn fake_backend(mut s: UnixStream, log_reply: usize, answer_features: usize) {
-        let features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | VHOST_F_LOG_ALL;
+        let features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | LOG_ALL;
         let mut answered = 0;
         let reply = |s: &mut UnixStream, req: u32, body: &[u8]| {
             let mut m = Vec::new();

@@ -40,11 +40,11 @@
 //! touching them, unless `VDL_FUZZ_UNBACKED=1` is set (which reproduces the crash at once).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -53,19 +53,18 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, Listener, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_dirtylog::backend::{DirtyLogBackend, VHOST_F_LOG_ALL};
+use vhost_dirtylog::backend::DirtyLogBackend;
 use vhost_dirtylog::log::{GuestDirtyBitmap, LogStats};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vhost_dirtylog::test_utils::{NullDevice, NullMem};
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
 use super::{file_bytes, memfd, set_bits, Reached};
 
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
+/// `VHOST_F_LOG_ALL` as a feature-word bit.
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 const MAX_OPS: usize = 40;
 const MAX_SESSIONS: usize = 4;
 const MAX_FILES: usize = 6;
@@ -281,73 +280,14 @@ pub fn run(data: &[u8]) -> Reached {
 // ---------------------------------------------------------------------------------------------
 // The device and the daemon.
 
-/// A one-queue device that never processes its queue: the fuzz input is the dataplane.
-///
-/// It remembers the exit-event fds it hands out: vhost-user-backend 0.24 registers the consumer
-/// end with `into_raw_fd()` and never closes it (finding F3 in `contrib/fuzz/README.md`), one fd
-/// per daemon, which would exhaust the process's fds after some ten thousand sessions. The
-/// harness closes them once the daemon is gone ([`reclaim_exit_fd`]).
-#[derive(Clone, Default)]
-pub struct NullDevice {
-    exit_fds: Arc<Mutex<Vec<RawFd>>>,
-}
+/// The device: `test_utils`' null device (one queue, never processed: the fuzz input is the
+/// dataplane), offering `REPLY_ACK | CONFIGURE_MEM_SLOTS`. vhost-user-backend 0.24 leaks one
+/// exit-event fd per daemon (finding F3 in `contrib/fuzz/README.md`), which would exhaust the
+/// process's fds after some ten thousand sessions; the harness reclaims them
+/// ([`NullDevice::reclaim_exit_fds`]) once each daemon is gone.
+type Device = NullDevice<GuestDirtyBitmap>;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap<GuestDirtyBitmap>>;
-
-impl VhostUserBackend for NullDevice {
-    type Bitmap = GuestDirtyBitmap;
-    type Vring = VringRwLock<Mem>;
-
-    fn num_queues(&self) -> usize {
-        1
-    }
-    fn max_queue_size(&self) -> usize {
-        256
-    }
-    fn features(&self) -> u64 {
-        (1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-    }
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-    fn set_event_idx(&self, _enabled: bool) {}
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Lets the handler stop its worker thread when the daemon goes away.
-        let pair =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
-        self.exit_fds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pair.0.as_raw_fd());
-        Some(pair)
-    }
-    fn update_memory(&self, _mem: Mem) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn handle_event(
-        &self,
-        _device_event: u16,
-        _evset: EventSet,
-        _vrings: &[Self::Vring],
-        _thread_id: usize,
-    ) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Closes an exit-event consumer fd that vhost-user-backend leaked (see [`NullDevice`]), once
-/// the daemon, its handler and its worker thread are gone. It checks that the number still names
-/// an eventfd first (a cheap guard; vhost-user-backend is pinned to 0.24, where the leak is
-/// certain).
-fn reclaim_exit_fd(fd: RawFd) {
-    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
-    if link.is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]") {
-        // SAFETY: vhost-user-backend took this fd with `into_raw_fd()` and never closes it;
-        // the daemon, its workers and their epoll sets are gone: this is the only close.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    }
-}
+type Mem = NullMem<GuestDirtyBitmap>;
 
 /// The listening socket, made once per process (abstract namespace: nothing on disk).
 struct Harness {
@@ -411,8 +351,8 @@ struct AttachedLog {
 
 struct Session {
     frontend: Frontend,
-    daemon: VhostUserDaemon<DirtyLogBackend<NullDevice>>,
-    backend: DirtyLogBackend<NullDevice>,
+    daemon: VhostUserDaemon<DirtyLogBackend<Device>>,
+    backend: DirtyLogBackend<Device>,
     mem: Mem,
     features: u64,
     regions: Vec<Region>,
@@ -517,7 +457,7 @@ impl State<'_> {
 
     fn start(&mut self) {
         self.sessions += 1;
-        let backend = DirtyLogBackend::new(NullDevice::default());
+        let backend = DirtyLogBackend::new(Device::default());
         let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("fuzz".into(), backend.clone(), mem.clone())
             .expect("daemon (spawns its worker thread)");
@@ -528,11 +468,8 @@ impl State<'_> {
         let mut frontend = Frontend::from_stream(stream, 8);
         frontend.set_owner().expect("SET_OWNER");
         let offered = frontend.get_features().expect("GET_FEATURES");
-        assert!(
-            offered & VHOST_F_LOG_ALL != 0,
-            "the adapter must offer LOG_ALL"
-        );
-        let features = offered & !VHOST_F_LOG_ALL;
+        assert!(offered & LOG_ALL != 0, "the adapter must offer LOG_ALL");
+        let features = offered & !LOG_ALL;
         frontend.set_features(features).expect("SET_FEATURES");
         let pf = frontend
             .get_protocol_features()
@@ -569,15 +506,16 @@ impl State<'_> {
                 backend,
                 ..
             } = s;
-            let exit_fds = backend.inner().exit_fds.clone();
+            let device = backend.inner().clone();
             drop(backend);
             drop(frontend);
             let _ = daemon.wait();
             // Dropping the daemon drops the handler (its request thread has ended): that sends
             // the exit event and joins the vring worker.
             drop(daemon);
-            let fds = std::mem::take(&mut *exit_fds.lock().unwrap_or_else(|e| e.into_inner()));
-            fds.into_iter().for_each(reclaim_exit_fd);
+            // SAFETY: the daemon, its handler and its worker are gone (dropped and joined
+            // above); nothing else serves this device.
+            unsafe { device.reclaim_exit_fds() };
         }
     }
 
@@ -659,11 +597,7 @@ impl State<'_> {
         match op {
             Op::Features { log_all, junk } => {
                 let base = self.session().features;
-                let mut f = if *log_all {
-                    base | VHOST_F_LOG_ALL
-                } else {
-                    base
-                };
+                let mut f = if *log_all { base | LOG_ALL } else { base };
                 if let Some(j) = junk {
                     f |= j;
                 }
@@ -672,7 +606,7 @@ impl State<'_> {
                     .is_some()
                 {
                     let s = self.session();
-                    s.logging = f & VHOST_F_LOG_ALL != 0;
+                    s.logging = f & LOG_ALL != 0;
                     assert_eq!(
                         s.backend.log().is_logging(),
                         s.logging,

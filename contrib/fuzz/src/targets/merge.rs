@@ -229,7 +229,7 @@ fn make_log(spec: &LogSpec) -> Option<LogRegion> {
 
 /// The set bits of a log, as log page numbers.
 fn log_bits(log: &LogRegion) -> Vec<u64> {
-    (0..log.pages()).filter(|&p| log.test_page(p)).collect()
+    vhost_dirtylog::test_utils::set_pages(log).collect()
 }
 
 impl State {

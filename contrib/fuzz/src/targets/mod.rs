@@ -11,12 +11,14 @@
 //! that does not decode is ignored. `Reached` counts the interesting things an input did, so the
 //! seed generator can keep inputs that go deep and the replay test can prove the committed
 //! corpus still does.
+//!
+//! The fixtures (the null device, memfds, listing set bits) are the main crate's
+//! `vhost_dirtylog::test_utils` (feature `test-utils`, enabled by both builds).
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 
 pub mod backend_messages;
 pub mod blk_request;
@@ -64,13 +66,7 @@ impl Reached {
 /// A new memfd of `len` bytes (sparse). Panics only if the system refuses one, which is not an
 /// input-dependent condition.
 pub fn memfd(len: u64) -> File {
-    // SAFETY: memfd_create reads a valid NUL-terminated string and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"vdl-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).expect("ftruncate memfd");
-    f
+    vhost_dirtylog::test_utils::memfd("vdl-fuzz", len).expect("memfd")
 }
 
 /// The whole content of `f` (at most a few hundred KiB in these targets).
@@ -80,13 +76,6 @@ pub fn file_bytes(f: &File) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     f.read_exact_at(&mut buf, 0).expect("pread");
     buf
-}
-
-/// Bit `i` of a byte-addressed little-endian bitmap.
-pub fn get_bit(bytes: &[u8], i: u64) -> bool {
-    bytes
-        .get((i / 8) as usize)
-        .is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
 /// Sets bits `first..=last` (all inside `bytes`) a byte at a time.
@@ -101,13 +90,4 @@ pub fn set_bits(bytes: &mut [u8], first: u64, last: u64) {
             i += 1;
         }
     }
-}
-
-/// Indices of the set bits of `bytes` (ascending).
-pub fn set_bit_indices(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
-    bytes.iter().enumerate().flat_map(|(k, &b)| {
-        (0..8u64)
-            .filter(move |j| b & (1 << j) != 0)
-            .map(move |j| k as u64 * 8 + j)
-    })
 }
