@@ -1,16 +1,18 @@
 //! `vhost-dirtylog-check`: drives any vhost-user-blk backend through a simulated live migration
 //! and reports the guest pages it wrote without marking them in the dirty log. The work is done
-//! by `vhost_dirtylog::check`; this is its command line.
+//! by `vhost_dirtylog::check`; this is its command line (the only place clap is used), so
+//! parsing of durations and the clap glue live here.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::Parser;
 use vhost_dirtylog::check::{
-    self, default_layout, parse_duration, parse_layout, parse_size, pattern, BenchOptions,
-    CheckOptions, Fault, Workload, EXIT_OK, EXIT_PROTOCOL, EXIT_USAGE,
+    self, default_layout, parse_layout, parse_size, BenchOptions, CheckOptions, Fault, Workload,
+    EXIT_OK, EXIT_PROTOCOL, EXIT_USAGE,
 };
 
 /// Drive a vhost-user-blk backend through a simulated live migration and report lost dirty
@@ -80,7 +82,7 @@ struct Args {
     aligned_used_ring: bool,
 
     /// Guest workload.
-    #[arg(long, value_enum, default_value = "read")]
+    #[arg(long, default_value = "read", value_parser = workload_parser())]
     workload: Workload,
 
     /// Smallest request (multiple of 4K).
@@ -172,6 +174,43 @@ struct Args {
 /// One `--fault` value is a whole list (an alias, so clap does not read `Vec` as "repeatable").
 type FaultList = Vec<Fault>;
 
+/// `--workload`: the names [`Workload`]'s `FromStr` accepts, each with its help line (listed
+/// by `--help`, and by the error for an unknown name).
+fn workload_parser() -> impl TypedValueParser<Value = Workload> {
+    PossibleValuesParser::new(Workload::ALL.map(|w| {
+        PossibleValue::new(w.name()).help(match w {
+            Workload::Read => "Reads only: the device writes guest memory with every request",
+            Workload::Write => "Writes only: the device writes only status bytes and the used ring",
+            Workload::Mixed => {
+                "Half reads, half writes; reads check the data the writes put on disk"
+            }
+        })
+    }))
+    .try_map(|s| s.parse::<Workload>())
+}
+
+/// Parses a duration: a number with `ms`, `s`, `m` (default seconds), e.g. `500ms`, `3s`, `1.5`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 3s, 2m"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => v,
+        "ms" => v / 1000.0,
+        "m" | "min" => v * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    };
+    if !(0.0..=1e7).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
@@ -189,7 +228,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(path) = &args.write_image {
-        return match pattern::write_image(path, args.disk_span, args.seed) {
+        return match check::write_image(path, args.disk_span, args.seed) {
             Ok(()) => {
                 eprintln!(
                     "wrote {} bytes of pattern (seed {}) to {}",
@@ -289,4 +328,33 @@ fn fail(e: &check::CheckError, json: bool) -> ExitCode {
     }
     eprintln!("vhost-dirtylog-check: {e}");
     exit(e.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn command_line() {
+        Args::command().debug_assert();
+        let a = Args::try_parse_from(["x", "--workload", "mixed", "--fault", "all", "/s"]).unwrap();
+        assert_eq!(a.workload, Workload::Mixed);
+        assert_eq!(a.fault, Fault::ALL.to_vec());
+        let a = Args::try_parse_from(["x", "/s"]).unwrap();
+        assert_eq!(a.workload, Workload::Read);
+        assert!(a.fault.is_empty());
+        let e = Args::try_parse_from(["x", "--workload", "random", "/s"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
+        assert!(e.to_string().contains("read, write, mixed"), "{e}");
+    }
 }

@@ -13,8 +13,11 @@
 
 use std::time::{Duration, Instant};
 
-use super::session::{prepare, setup, slot_size, Workers};
-use super::{CheckError, CheckOptions, Workload};
+use super::error::{vmm_err, CheckError};
+use super::options::{CheckOptions, Workload};
+use super::plan::slot_size;
+use super::pool::Workers;
+use super::rig::Rig;
 use crate::vmm::{MigrationBitmap, SharedLog};
 
 /// Settings of a benchmark.
@@ -106,18 +109,18 @@ pub fn bench(opts: &CheckOptions, b: &BenchOptions) -> Result<BenchReport, Check
     o.min_io = 4096;
     o.max_io = 4096;
     o.faults.clear();
-    let mut s = setup(&o, slot_size(4096))?;
+    let mut s = Rig::new(&o, slot_size(4096))?;
     // One segment per request, page aligned.
     s.max_segs = 1;
     s.max_req = 4096;
     if o.prepare.unwrap_or(!s.backend.read_only) {
-        prepare(&mut s, &o)?;
+        s.prepare(&o)?;
     }
     s.depth = usize::from(o.depth)
         .min(usize::from(o.queue_size) / 3)
         .max(1);
-    let log = SharedLog::new(s.shared.ram.gpa_end()).map_err(super::dest::vmm_err)?;
-    let bitmap = MigrationBitmap::new(log.guest_pages()).map_err(super::dest::vmm_err)?;
+    let log = SharedLog::new(s.shared.ram.gpa_end()).map_err(vmm_err)?;
+    let bitmap = MigrationBitmap::new(log.guest_pages()).map_err(vmm_err)?;
     {
         let mut g = s.shared.conn();
         let region = log.dirty_log_region();
@@ -126,7 +129,7 @@ pub fn bench(opts: &CheckOptions, b: &BenchOptions) -> Result<BenchReport, Check
     let queues = s.queues.len() as u16;
     let depth = s.depth as u16;
     let mut workers = Workers::spawn(&mut s, &o, 4096, false, false)?;
-    let res = (|| {
+    let res = (|| -> Result<BenchReport, CheckError> {
         std::thread::sleep(b.warmup);
         let n = b.phases.max(1).next_multiple_of(4);
         let mut phases = Vec::new();
@@ -135,9 +138,7 @@ pub fn bench(opts: &CheckOptions, b: &BenchOptions) -> Result<BenchReport, Check
         for i in 0..n {
             let on = matches!(i % 4, 1 | 2);
             s.shared.conn().with(|c| c.set_log_all(on))?;
-            if s.shared.abort.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(CheckError::Protocol("a queue worker failed".into()));
-            }
+            s.shared.check_abort()?;
             let c0 = workers.sum(|s| &s.completed);
             let t0 = Instant::now();
             let end = t0 + b.phase;

@@ -12,12 +12,15 @@
 //! After the last round, a page whose destination copy differs from the source is a page
 //! somebody wrote and nobody reported: since the guest's own writes are all in the emulated
 //! hypervisor log, that somebody is the backend.
+//!
+//! Knows nothing of the backend or the workers: the tests below play the backend by writing
+//! guest memory behind the tracker's back.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::CheckError;
+use super::error::{vmm_err, CheckError};
 use crate::driver::{GuestRam, RegionSpec};
 use crate::log::LogRegion;
 use crate::vmm::{FetchedLog, MigrationBitmap, SharedLog};
@@ -44,7 +47,7 @@ pub struct VmmStats {
     pub copy_us: u64,
 }
 
-pub(crate) struct Vmm {
+pub(super) struct Vmm {
     ram: Arc<GuestRam>,
     log: SharedLog,
     kvm: Arc<LogRegion>,
@@ -283,10 +286,6 @@ impl Vmm {
 
 fn micros(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
-}
-
-pub(crate) fn vmm_err(e: crate::vmm::VmmError) -> CheckError {
-    CheckError::Setup(format!("migration bitmap: {e}"))
 }
 
 #[cfg(test)]

@@ -6,44 +6,54 @@
 //! `((off >> 3) & (2^48 - 1) | gen << 48) ^ salt`. The salt comes from `--seed`, so an image
 //! prepared by a different run (or all zeroes) never passes for fresh data. Decoding a word
 //! that does not match gives back the offset and generation it *does* hold.
+//!
+//! Only [`write_image`] is public (re-exported as `check::write_image`): the rest is the
+//! checker's own business. Depends on nothing else in `check`.
 
 use std::io::Write;
 use std::path::Path;
 
 /// Bytes per pattern word.
-pub const WORD: u64 = 8;
+pub(super) const WORD: u64 = 8;
 /// Granularity of generations (disk blocks rewritten as a whole by write requests).
-pub const BLOCK: u64 = 4096;
+pub(super) const BLOCK: u64 = 4096;
 const OFF_MASK: u64 = (1 << 48) - 1;
 
 /// The salt used for a seed (a fixed mixing of it, never zero for seed 0).
-pub fn salt_for(seed: u64) -> u64 {
+pub(super) fn salt_for(seed: u64) -> u64 {
     splitmix64(seed ^ 0x7663_6865_636b_0001)
 }
 
 /// The pattern word at disk offset `off` (a multiple of 8) for block generation `gen`.
 #[inline]
-pub fn word(off: u64, gen: u16, salt: u64) -> u64 {
+pub(super) fn word(off: u64, gen: u16, salt: u64) -> u64 {
     ((off >> 3) & OFF_MASK | u64::from(gen) << 48) ^ salt
 }
 
 /// What a word claims to be: `(disk offset, generation)`.
 #[inline]
-pub fn decode(w: u64, salt: u64) -> (u64, u16) {
+pub(super) fn decode(w: u64, salt: u64) -> (u64, u16) {
     let v = w ^ salt;
     ((v & OFF_MASK) << 3, (v >> 48) as u16)
 }
 
 /// Fills `buf` with the pattern of disk bytes `[off, off + buf.len())`, all of generation `gen`.
 /// `off` and `buf.len()` must be multiples of 8.
-pub fn fill(buf: &mut [u8], off: u64, gen: u16, salt: u64) {
+pub(super) fn fill(buf: &mut [u8], off: u64, gen: u16, salt: u64) {
     for (i, c) in buf.chunks_exact_mut(WORD as usize).enumerate() {
         c.copy_from_slice(&word(off + i as u64 * WORD, gen, salt).to_le_bytes());
     }
 }
 
-/// Writes an image of `size` bytes (rounded down to whole sectors) holding the generation-0
-/// pattern for `seed`, for backends that export it read-only (`--no-prepare`).
+/// Writes an image of `size` bytes (rounded down to whole 512-byte sectors) holding the
+/// generation-0 disk pattern for `seed`, for backends that export their disk read-only: such a
+/// disk cannot be filled through the backend, so check it with
+/// [`CheckOptions::prepare`](super::CheckOptions::prepare) `= Some(false)` (`--no-prepare`) and
+/// the same seed and disk span.
+///
+/// Each 8-byte little-endian word at disk offset `off` holds
+/// `(off >> 3) ^ salt`, where the salt is a fixed mix of `seed`; a read that returns other data
+/// is reported as a device error.
 pub fn write_image(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
     let salt = salt_for(seed);
     let size = size / 512 * 512;
@@ -61,7 +71,7 @@ pub fn write_image(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
 
 /// SplitMix64: a stateless 64-bit mixer (also the PRNG step below).
 #[inline]
-pub fn splitmix64(x: u64) -> u64 {
+pub(super) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -70,24 +80,24 @@ pub fn splitmix64(x: u64) -> u64 {
 
 /// A small deterministic PRNG (SplitMix64), so a run is reproducible from `--seed`.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub(super) struct Rng(u64);
 
 impl Rng {
     /// A generator for `seed`.
-    pub fn new(seed: u64) -> Self {
+    pub(super) fn new(seed: u64) -> Self {
         Rng(seed)
     }
     /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         splitmix64(self.0)
     }
     /// Uniform in `[0, n)` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
     /// Uniform in `[lo, hi]`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(super) fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
 }

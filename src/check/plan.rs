@@ -1,113 +1,33 @@
-//! Parsing of sizes, durations and layouts, and the guest-memory plan: where the rings, the
-//! request scratch areas and the data buffers go, and which regions the memory-table fault adds
-//! and removes.
+//! The guest-memory plan: where the rings, the request scratch areas and the data buffers go,
+//! which regions the memory-table fault adds and removes, and what a given guest page holds
+//! (for the report of a lost page).
+//!
+//! Pure arithmetic on a layout: no memory is mapped here, so every placement rule is tested
+//! on its own below.
 
-use std::time::Duration;
-
-use super::{CheckError, Fault};
+use super::error::CheckError;
 use crate::driver::blk::BlkQueue;
 use crate::driver::{QueueLayout, RegionSpec};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
-/// Parses a size: a number with an optional binary suffix `K`, `M`, `G`, `T` (`KiB`, `MB`...
-/// are accepted too; all are powers of 1024), or a `0x` hexadecimal number of bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        return u64::from_str_radix(h, 16).map_err(|e| format!("invalid size {s:?}: {e}"));
-    }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 4096, 64K, 256M, 1G"))?;
-    let mult = match suffix.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => KIB,
-        "M" | "MB" | "MIB" => MIB,
-        "G" | "GB" | "GIB" => GIB,
-        "T" | "TB" | "TIB" => 1 << 40,
-        _ => return Err(format!("invalid size suffix in {s:?} (use K, M, G or T)")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} overflows"))
-}
-
-/// Parses a duration: a number with `ms`, `s`, `m` (default seconds), e.g. `500ms`, `3s`, `1.5`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 3s, 2m"))?;
-    let secs = match unit.trim() {
-        "" | "s" | "sec" => v,
-        "ms" => v / 1000.0,
-        "m" | "min" => v * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
-    };
-    if !(0.0..=1e7).contains(&secs) {
-        return Err(format!("duration {s:?} out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Parses `GPA:SIZE[,GPA:SIZE...]`, e.g. `0:64M,1G:64M,4G:32M`.
-pub fn parse_layout(s: &str) -> Result<Vec<RegionSpec>, String> {
-    let mut out = Vec::new();
-    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-        let (g, z) = part
-            .split_once(':')
-            .ok_or_else(|| format!("layout entry {part:?} is not GPA:SIZE"))?;
-        out.push(RegionSpec::new(parse_size(g)?, parse_size(z)?));
-    }
-    if out.is_empty() {
-        return Err("empty layout".into());
-    }
-    Ok(out)
-}
-
-/// `regions` regions totalling `total` bytes (1 MiB multiples), each starting at the next
-/// 1 GiB boundary after the previous one ends, so every pair is separated by a hole.
-pub fn default_layout(total: u64, regions: u32) -> Result<Vec<RegionSpec>, String> {
-    if regions == 0 {
-        return Err("--regions must be at least 1".into());
-    }
-    let each = total / u64::from(regions) / MIB * MIB;
-    if each == 0 {
-        return Err(format!(
-            "{total} bytes of RAM cannot be split into {regions} regions of at least 1 MiB"
-        ));
-    }
-    let mut out = Vec::new();
-    let mut gpa = 0u64;
-    for i in 0..regions {
-        let size = if i + 1 == regions {
-            (total - each * u64::from(regions - 1)) / MIB * MIB
-        } else {
-            each
-        };
-        out.push(RegionSpec::new(gpa, size));
-        gpa = (gpa + size + 1).next_multiple_of(GIB);
-    }
-    Ok(out)
+/// Data slot size in bytes for a largest request of `max_io` bytes.
+pub(super) fn slot_size(max_io: u64) -> u64 {
+    max_io.max(4096)
 }
 
 /// Where everything lives in guest memory.
 #[derive(Debug, Clone)]
-pub(crate) struct MemPlan {
+pub(super) struct MemPlan {
     /// The RAM at start (sorted), including `spare`.
     pub regions: Vec<RegionSpec>,
     /// One layout per queue.
     pub queues: Vec<QueueLayout>,
     /// Scratch area (headers, status bytes) per queue.
     pub scratch: Vec<u64>,
+    /// Bytes of each scratch area.
+    pub scratch_bytes: u64,
     /// Data slots (`slot` bytes each), in an order that spreads consecutive slots over regions.
     pub slots: Vec<u64>,
     /// Bytes per data slot.
@@ -128,6 +48,24 @@ impl MemPlan {
     /// The highest guest-physical end the run can reach (the hot region included).
     pub fn max_gpa_end(&self) -> u64 {
         self.hot.map_or(0, |h| h.end()).max(self.gpa_end())
+    }
+
+    /// What guest page `page` (a 4 KiB page number) holds, if the plan put control data
+    /// there: `"used-ring"` (a used ring) or `"status"` (request headers and status bytes).
+    /// `None` for data slots and everything else.
+    pub fn page_kind(&self, page: u64) -> Option<&'static str> {
+        if self.queues.iter().any(|l| l.used_pages().contains(&page)) {
+            return Some("used-ring");
+        }
+        let n = self.scratch_bytes;
+        if self
+            .scratch
+            .iter()
+            .any(|&s| (s >> 12..=(s + n - 1) >> 12).contains(&page))
+        {
+            return Some("status");
+        }
+        None
     }
 }
 
@@ -177,15 +115,15 @@ fn slots_in(gpa: u64, end: u64, slot: u64) -> Vec<u64> {
 }
 
 /// Lays out `nq` queues of `qsize` entries (see [`queue_layout`] for `isolate_event`),
-/// scratch areas and data slots of `slot` bytes in `layout`; adds the spare and hot regions
-/// when `faults` includes the memory-table fault.
-pub(crate) fn plan(
+/// scratch areas and data slots of `slot` bytes in `layout`; with `hotplug` (the memory-table
+/// fault will run) adds the spare and hot regions.
+pub(super) fn plan(
     layout: &[RegionSpec],
     nq: u16,
     qsize: u16,
     isolate_event: bool,
     slot: u64,
-    faults: &[Fault],
+    hotplug: bool,
 ) -> Result<MemPlan, CheckError> {
     let bad = |m: String| CheckError::Invalid(m);
     let mut regions = layout.to_vec();
@@ -247,7 +185,7 @@ pub(crate) fn plan(
         }
     }
     let (mut spare, mut hot, mut hot_slots) = (None, None, Vec::new());
-    if faults.contains(&Fault::MemTable) {
+    if hotplug {
         let s = place(&regions, MIB);
         regions.push(s);
         regions.sort_by_key(|r| r.gpa);
@@ -261,6 +199,7 @@ pub(crate) fn plan(
         regions,
         queues,
         scratch,
+        scratch_bytes: BlkQueue::scratch_bytes(qsize),
         slots,
         slot,
         spare,
@@ -271,52 +210,13 @@ pub(crate) fn plan(
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout::default_layout;
     use super::*;
-
-    #[test]
-    fn sizes_durations_layouts() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("0x1000"), Ok(4096));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("3h").is_err());
-        assert_eq!(
-            parse_layout("0:64M,1G:32M").unwrap(),
-            vec![
-                RegionSpec::new(0, 64 << 20),
-                RegionSpec::new(1 << 30, 32 << 20)
-            ]
-        );
-        assert!(parse_layout("0-64M").is_err());
-    }
-
-    #[test]
-    fn default_layout_has_holes() {
-        let l = default_layout(96 << 20, 3).unwrap();
-        assert_eq!(
-            l,
-            vec![
-                RegionSpec::new(0, 32 << 20),
-                RegionSpec::new(1 << 30, 32 << 20),
-                RegionSpec::new(2 << 30, 32 << 20)
-            ]
-        );
-        assert!(default_layout(1 << 20, 3).is_err());
-        assert!(default_layout(64 << 20, 0).is_err());
-    }
 
     #[test]
     fn plan_places_everything_without_overlap() {
         let layout = default_layout(48 << 20, 3).unwrap();
-        let p = plan(&layout, 2, 256, true, 128 << 10, &[Fault::MemTable]).unwrap();
+        let p = plan(&layout, 2, 256, true, 128 << 10, true).unwrap();
         // avail_event (the last 2 bytes of the used ring) starts a page.
         for l in &p.queues {
             assert_eq!((l.end() - 2) % 4096, 0, "{l:?}");
@@ -356,11 +256,30 @@ mod tests {
             256,
             false,
             128 << 10,
-            &[]
+            false
         )
         .is_err());
         // Without isolation the used ring starts a page, as QueueLayout::new puts it.
-        let p = plan(&layout, 1, 256, false, 128 << 10, &[]).unwrap();
+        let p = plan(&layout, 1, 256, false, 128 << 10, false).unwrap();
         assert_eq!(p.queues[0], QueueLayout::new(0, 256).unwrap());
+    }
+
+    #[test]
+    fn page_kinds() {
+        let layout = default_layout(48 << 20, 3).unwrap();
+        let p = plan(&layout, 2, 256, true, 128 << 10, false).unwrap();
+        for l in &p.queues {
+            for page in l.used_pages() {
+                assert_eq!(p.page_kind(page), Some("used-ring"));
+            }
+        }
+        for &s in &p.scratch {
+            assert_eq!(p.page_kind(s >> 12), Some("status"));
+            assert_eq!(p.page_kind((s + p.scratch_bytes - 1) >> 12), Some("status"));
+        }
+        for &x in &p.slots[..8] {
+            assert_eq!(p.page_kind(x >> 12), None);
+        }
+        assert_eq!(p.page_kind(layout[1].gpa >> 12), None);
     }
 }

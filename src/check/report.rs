@@ -1,9 +1,17 @@
-//! The result of a run: one serializable [`Report`] (the `--json` object) and its human
-//! summary.
+//! The result of a run: one serializable [`Report`] (the `--json` object), the tally of lost
+//! pages, the verdict and exit status, and the human summary.
+//!
+//! Only data and formatting: the session fills the counters in, so everything here is tested
+//! on hand-made reports.
 
 use std::fmt::Write;
 
-use super::{Fault, VmmStats, Workload, EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL};
+use super::dest::VmmStats;
+use super::error::{EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL};
+use super::options::{Fault, Workload};
+
+/// Lost pages listed one by one in a report ([`Report::lost_samples`]).
+const LOST_SAMPLES: usize = 16;
 
 /// What the backend offered and how it was driven.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -166,8 +174,40 @@ fn size(b: u64) -> String {
 }
 
 impl Report {
+    /// Counts the lost pages `lost` (4 KiB page numbers): by kind and by whether the backend's
+    /// log had them marked only after the final sync, as `classify(page)` returns
+    /// `(kind, marked_late)`; keeps the first ones as samples.
+    pub(super) fn tally_lost(
+        &mut self,
+        lost: &[u64],
+        classify: impl Fn(u64) -> (&'static str, bool),
+    ) {
+        self.lost_pages = lost.len() as u64;
+        for &p in lost {
+            let (kind, late) = classify(p);
+            if late {
+                self.lost_late += 1;
+            } else {
+                self.lost_unmarked += 1;
+            }
+            match kind {
+                "data" => self.lost_data += 1,
+                "status" => self.lost_status += 1,
+                "used-ring" => self.lost_used_ring += 1,
+                _ => {}
+            }
+            if self.lost_samples.len() < LOST_SAMPLES {
+                self.lost_samples.push(LostPage {
+                    gpa: format!("{:#x}", p << 12),
+                    kind,
+                    marked_late: late,
+                });
+            }
+        }
+    }
+
     /// Fills in the verdict and exit status from the counters.
-    pub(crate) fn conclude(&mut self) {
+    pub(super) fn conclude(&mut self) {
         let (v, code) = if self.lost_pages > 0 {
             (
                 format!(
@@ -335,5 +375,105 @@ mod tests {
         assert_eq!(size(64 << 20), "64 MiB");
         assert_eq!(size(2 << 30), "2 GiB");
         assert_eq!(size(4096), "4 KiB");
+    }
+
+    fn blank() -> Report {
+        Report {
+            backend: BackendInfo::default(),
+            layout: vec![(0, 64 << 20)],
+            queues: 1,
+            queue_size: 256,
+            depth: 32,
+            workload: Workload::Read,
+            faults: vec![Fault::Reconnect],
+            deferred: false,
+            seed: 1,
+            elapsed_s: 1.0,
+            requests: 1234,
+            reads: 1234,
+            writes: 0,
+            bytes: 1 << 20,
+            iops: 1234.0,
+            mib_s: 1.0,
+            io_errors: 0,
+            data_errors: 0,
+            device_pages_written: 10,
+            device_page_writes: 20,
+            ram_pages: 16384,
+            vmm: VmmStats::default(),
+            log_bytes: 4096,
+            lost_pages: 0,
+            lost_unmarked: 0,
+            lost_late: 0,
+            lost_data: 0,
+            lost_status: 0,
+            lost_used_ring: 0,
+            lost_samples: Vec::new(),
+            stop: StopStats::default(),
+            fault_log: Vec::new(),
+            samples: Vec::new(),
+            verdict: String::new(),
+            exit_code: 0,
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let mut r = blank();
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_OK);
+        assert!(r.verdict.starts_with("PASS"));
+        assert!(r.summary().ends_with(&r.verdict));
+        let mut r = blank();
+        r.data_errors = 1;
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_DATA);
+        let mut r = blank();
+        r.data_errors = 1;
+        r.stop.error = Some("gone".into());
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_PROTOCOL);
+        assert!(r.verdict.contains("gone"));
+    }
+
+    #[test]
+    fn lost_pages_are_grouped_by_kind_and_timing() {
+        let mut r = blank();
+        // Pages 0..40: every 4th used ring, every 5th marked late, odd ones data.
+        let lost: Vec<u64> = (0..40).collect();
+        r.tally_lost(&lost, |p| {
+            let kind = if p % 4 == 0 {
+                "used-ring"
+            } else if p % 2 == 1 {
+                "data"
+            } else if p == 2 {
+                "status"
+            } else {
+                "other"
+            };
+            (kind, p % 5 == 0)
+        });
+        assert_eq!(r.lost_pages, 40);
+        assert_eq!((r.lost_late, r.lost_unmarked), (8, 32));
+        assert_eq!((r.lost_used_ring, r.lost_data, r.lost_status), (10, 20, 1));
+        assert_eq!(r.lost_samples.len(), LOST_SAMPLES);
+        assert_eq!(r.lost_samples[3].gpa, "0x3000");
+        assert_eq!(r.lost_samples[5].kind, "data");
+        assert!(r.lost_samples[5].marked_late);
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_LOST);
+        assert!(r.verdict.contains("40 lost page(s)"), "{}", r.verdict);
+        assert!(r.verdict.contains("(8 written after GET_VRING_BASE)"));
+        let s = r.summary();
+        assert!(
+            s.contains("lost page GPA 0x3000 (data, never marked)"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "40 lost (32 never marked, 8 marked too late; 20 data, 1 status, 10 used ring)"
+            ),
+            "{s}"
+        );
     }
 }

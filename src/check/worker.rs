@@ -5,16 +5,18 @@
 //! A worker owns its [`BlkQueue`] and talks to the VMM thread only through [`Cmd`]s, so the
 //! VMM can stop a ring (`GET_VRING_BASE`) while requests are in flight and the worker sees
 //! exactly what a guest driver would: completions that arrive before, and maybe after, the
-//! stop.
+//! stop. Spawning, commanding and joining the workers is the pool's job (`pool.rs`); this file
+//! is one worker's loop and its bookkeeping of slots, disk blocks and generations.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::error::CheckError;
+use super::options::Workload;
 use super::pattern::{self, Rng, BLOCK};
-use super::session::Shared;
-use super::{CheckError, Workload};
+use super::rig::Shared;
 use crate::driver::blk::{BlkOp, BlkStatus, Completion};
 use crate::driver::{BlkQueue, DriverError};
 
@@ -27,7 +29,7 @@ const UNKNOWN: u32 = u32::MAX;
 
 /// Counters of one worker, readable by the VMM thread while it runs.
 #[derive(Debug, Default)]
-pub(crate) struct WorkerStats {
+pub(super) struct WorkerStats {
     pub completed: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
@@ -39,7 +41,7 @@ pub(crate) struct WorkerStats {
 
 /// A worker's settings.
 #[derive(Debug, Clone)]
-pub(crate) struct WorkerCfg {
+pub(super) struct WorkerCfg {
     pub index: usize,
     pub workload: Workload,
     pub depth: usize,
@@ -63,7 +65,7 @@ pub(crate) struct WorkerCfg {
 }
 
 /// What the VMM thread tells a worker.
-pub(crate) enum Cmd {
+pub(super) enum Cmd {
     /// More data slots (a hot-added region).
     AddSlots(Vec<u64>),
     /// The ring was stopped with `GET_VRING_BASE`, which returned `base`. Stop submitting and
@@ -84,7 +86,7 @@ pub(crate) enum Cmd {
 
 /// A worker's result.
 #[derive(Debug, Default)]
-pub(crate) struct WorkerFinal {
+pub(super) struct WorkerFinal {
     pub samples: Vec<String>,
 }
 
@@ -96,7 +98,7 @@ struct Req {
     gen: u32,
 }
 
-pub(crate) struct Worker {
+pub(super) struct Worker {
     cfg: WorkerCfg,
     q: BlkQueue,
     shared: Arc<Shared>,
