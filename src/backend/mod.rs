@@ -89,8 +89,6 @@ fn check_backed(mem: &GuestMemoryMmap<GuestDirtyBitmap>) -> Result<()> {
 
 /// `VHOST_F_LOG_ALL` (virtio feature bit 26): the frontend wants every guest write logged.
 const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
-/// TEMPORARY (removed when the issue-12 branches merge).
-pub const VHOST_F_LOG_ALL: u64 = LOG_ALL;
 
 /// Guest memory as the adapter's devices see it.
 pub type DirtyGuestMemory = GuestMemoryAtomic<GuestMemoryMmap<GuestDirtyBitmap>>;

@@ -13,14 +13,9 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::ByteValued;
 
 use super::{Buf, DriverError, GuestRam, QueueLayout, SplitQueue, UsedElem};
-use crate::virtio_blk::BlkConfigSpace;
+use crate::virtio_blk::{BlkConfigSpace, DiscardWriteZeroes, OutHdr, ID_BYTES};
+pub use crate::virtio_blk::{HEADER_SIZE, SECTOR_SIZE};
 
-/// Bytes per sector.
-pub const SECTOR_SIZE: u64 = 512;
-/// Size of the request header.
-pub const HEADER_SIZE: u32 = 16;
-/// Size of the `GET_ID` answer.
-pub const ID_BYTES: u32 = 20;
 /// Status a request has before the device completes it.
 pub const STATUS_PENDING: u8 = 0xff;
 
@@ -71,12 +66,12 @@ impl DiscardSegment {
             flags: 0,
         }
     }
-    /// The 16-byte wire format.
+    /// The 16-byte wire format (`struct virtio_blk_discard_write_zeroes`).
     pub fn to_bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&self.sector.to_le_bytes());
-        b[8..12].copy_from_slice(&self.num_sectors.to_le_bytes());
-        b[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        b.copy_from_slice(
+            DiscardWriteZeroes::new(self.sector, self.num_sectors, self.flags).as_slice(),
+        );
         b
     }
 }
@@ -84,8 +79,7 @@ impl DiscardSegment {
 /// The 16-byte request header (`struct virtio_blk_outhdr`).
 pub fn header_bytes(req_type: u32, sector: u64) -> [u8; 16] {
     let mut b = [0u8; 16];
-    b[0..4].copy_from_slice(&req_type.to_le_bytes());
-    b[8..16].copy_from_slice(&sector.to_le_bytes());
+    b.copy_from_slice(OutHdr::new(req_type, sector).as_slice());
     b
 }
 
@@ -498,7 +492,7 @@ impl BlkQueue {
     pub fn get_id(&mut self, gpa: u64, timeout: Duration) -> Result<Completion, DriverError> {
         self.run(
             BlkOp::GetId {
-                buf: (gpa, ID_BYTES),
+                buf: (gpa, ID_BYTES as u32),
             },
             timeout,
         )
