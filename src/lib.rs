@@ -25,6 +25,8 @@
 
 #![deny(missing_docs)]
 
+mod bits;
+
 pub mod backend;
 pub mod blk;
 pub mod check;
