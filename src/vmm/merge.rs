@@ -122,7 +122,11 @@ pub(super) fn merge_core(
                 // the core busy while the next locked instruction waits.
                 let mut one = |k: usize| or_word(&dst[k], take_at(k));
                 if dirty == !0 {
-                    newly += (0..CHUNK).map(&mut one).sum::<u64>();
+                    // A plain loop (not `map(&mut one).sum()`): `one` stays inlined in every
+                    // merge's copy of this loop, the fetch's included.
+                    for k in 0..CHUNK {
+                        newly += one(k);
+                    }
                 } else {
                     let mut m = dirty;
                     while m != 0 {
