@@ -32,10 +32,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode};
+use vhost_dirtylog::log::LOG_PAGE_SHIFT;
 use vhost_dirtylog::vmm::{FetchedLog, MigrationBitmap, SharedLog};
 
 const GUEST_BYTES: u64 = 64 << 30;
-const PAGES: u64 = GUEST_BYTES >> 12;
+const PAGES: u64 = GUEST_BYTES >> LOG_PAGE_SHIFT;
 const WORDS: usize = (PAGES / 64) as usize;
 const DENSITIES: [f64; 4] = [0.001, 0.01, 0.10, 1.0];
 /// Repetitions for the printed medians.
@@ -171,7 +172,9 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 
 fn sync_benches(c: &mut Criterion) {
     let log = SharedLog::new(GUEST_BYTES).expect("log");
-    let words = log.region().words();
+    // The log's raw atomics (test tooling, feature `test-utils`): to refill the log between
+    // timed syncs and to time the scan, swap-floor and per-bit baselines on the same memory.
+    let words = log.region().raw_words();
     assert_eq!(words.len(), WORDS);
     let bm = MigrationBitmap::new(PAGES).expect("bitmap");
     let flat: Vec<AtomicU64> = (0..WORDS).map(|_| AtomicU64::new(0)).collect();

@@ -36,6 +36,8 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations)]
 
+mod bits;
+
 pub mod backend;
 #[cfg(feature = "blk")]
 pub mod blk;

@@ -56,7 +56,10 @@ fn logging_handle(words: usize) -> (DirtyLog, std::sync::Arc<LogRegion>) {
 }
 
 fn snapshot(r: &LogRegion) -> Vec<u64> {
-    r.words().iter().map(|w| w.load(Ordering::SeqCst)).collect()
+    r.raw_words()
+        .iter()
+        .map(|w| w.load(Ordering::SeqCst))
+        .collect()
 }
 
 /// (a) Two markers and the VMM's sync on a 2-word log: no interleaving loses a mark. Every
@@ -108,7 +111,7 @@ fn lossy_clear_is_caught() {
         let (log, region) = logging_handle(1);
         let l1 = log.clone();
         let m1 = thread::spawn(move || l1.mark(3 * PAGE, 1));
-        let w = &region.words()[0];
+        let w = &region.raw_words()[0];
         let taken = w.load(Ordering::Acquire);
         w.store(0, Ordering::Relaxed); // the bug: a mark between load and store is erased
         m1.join().unwrap();

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::error::{vmm_err, CheckError};
 use crate::driver::{GuestRam, RegionSpec};
-use crate::log::LogRegion;
+use crate::log::{LogRegion, LOG_PAGE_SHIFT, LOG_PAGE_SIZE};
 use crate::vmm::{FetchedLog, MigrationBitmap, SharedLog};
 
 /// Counters of the VMM side.
@@ -94,7 +94,8 @@ impl Vmm {
     /// Marks every page of guest RAM dirty (round 0, and re-enabling LOG_ALL).
     pub fn mark_all_ram(&self) {
         for r in self.ram.layout() {
-            self.bitmap.set_range(r.gpa >> 12, r.size >> 12);
+            self.bitmap
+                .set_range(r.gpa >> LOG_PAGE_SHIFT, r.size >> LOG_PAGE_SHIFT);
         }
     }
 
@@ -181,7 +182,7 @@ impl Vmm {
         let mut p = s;
         let mut copied = 0;
         while p < e {
-            let gpa = p << 12;
+            let gpa = p << LOG_PAGE_SHIFT;
             let hit = self
                 .dest
                 .range_mut(..=gpa)
@@ -189,20 +190,20 @@ impl Vmm {
                 .filter(|(&rg, v)| gpa < rg + v.len() as u64);
             match hit {
                 Some((&rg, v)) => {
-                    let end = (e << 12).min(rg + v.len() as u64);
+                    let end = (e << LOG_PAGE_SHIFT).min(rg + v.len() as u64);
                     let off = (gpa - rg) as usize;
                     let len = (end - gpa) as usize;
                     // Our own RAM: fails only for a region being removed, which is then
                     // dropped from the destination as well.
                     let _ = self.ram.read(gpa, &mut v[off..off + len]);
-                    copied += (end - gpa) >> 12;
-                    p = end >> 12;
+                    copied += (end - gpa) >> LOG_PAGE_SHIFT;
+                    p = end >> LOG_PAGE_SHIFT;
                 }
                 None => {
                     // Not RAM (a hole, a removed region): nothing to send; skip to the next
                     // region.
                     let next = self.dest.range(gpa..).next().map_or(u64::MAX, |(g, _)| *g);
-                    p = (next >> 12).clamp(p + 1, e);
+                    p = (next >> LOG_PAGE_SHIFT).clamp(p + 1, e);
                 }
             }
         }
@@ -224,10 +225,11 @@ impl Vmm {
     /// full, as QEMU does for a new RAM block.
     pub fn add_region(&mut self, spec: RegionSpec) -> Result<(), CheckError> {
         self.bitmap
-            .grow(spec.end().div_ceil(4096))
+            .grow(spec.end().div_ceil(LOG_PAGE_SIZE))
             .map_err(vmm_err)?;
         self.dest.insert(spec.gpa, vec![0u8; spec.size as usize]);
-        self.bitmap.set_range(spec.gpa >> 12, spec.size >> 12);
+        self.bitmap
+            .set_range(spec.gpa >> LOG_PAGE_SHIFT, spec.size >> LOG_PAGE_SHIFT);
         Ok(())
     }
 
@@ -263,9 +265,13 @@ impl Vmm {
             if self.ram.read(gpa, &mut src).is_err() {
                 continue;
             }
-            for (i, (a, b)) in src.chunks(4096).zip(d.chunks(4096)).enumerate() {
+            for (i, (a, b)) in src
+                .chunks(LOG_PAGE_SIZE as usize)
+                .zip(d.chunks(LOG_PAGE_SIZE as usize))
+                .enumerate()
+            {
                 if a != b {
-                    lost.push((gpa >> 12) + i as u64);
+                    lost.push((gpa >> LOG_PAGE_SHIFT) + i as u64);
                 }
             }
         }
@@ -280,7 +286,10 @@ impl Vmm {
 
     /// Pages in the destination.
     pub fn ram_pages(&self) -> u64 {
-        self.dest.values().map(|v| v.len() as u64 >> 12).sum()
+        self.dest
+            .values()
+            .map(|v| v.len() as u64 >> LOG_PAGE_SHIFT)
+            .sum()
     }
 }
 
@@ -327,7 +336,11 @@ mod tests {
             vmm.log().region().mark_pages(7, 7);
             backend_write(&ram, (4 << 20) + 0x2000, 4); // never marked
             vmm.round().unwrap();
-            assert_eq!(vmm.compare(), [(4 << 20 >> 12) + 2], "deferred={deferred}");
+            assert_eq!(
+                vmm.compare(),
+                [(4 << 20 >> LOG_PAGE_SHIFT) + 2],
+                "deferred={deferred}"
+            );
             assert!(vmm.stats.pages_marked >= 1 && vmm.stats.guest_pages_marked >= 1);
         }
     }
@@ -348,9 +361,10 @@ mod tests {
         assert_eq!(vmm.stats.drained_pages, 1);
         drop(old);
         backend_write(&ram, spec.gpa + 0x4000, 6);
-        vmm.log()
-            .region()
-            .mark_pages((spec.gpa >> 12) + 4, (spec.gpa >> 12) + 4);
+        vmm.log().region().mark_pages(
+            (spec.gpa >> LOG_PAGE_SHIFT) + 4,
+            (spec.gpa >> LOG_PAGE_SHIFT) + 4,
+        );
         vmm.round().unwrap();
         assert!(vmm.compare().is_empty());
         assert_eq!(vmm.ram_pages(), 768);

@@ -8,6 +8,7 @@
 use super::error::CheckError;
 use crate::driver::blk::BlkQueue;
 use crate::driver::{QueueLayout, RegionSpec};
+use crate::log::LOG_PAGE_SHIFT;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -61,7 +62,7 @@ impl MemPlan {
         if self
             .scratch
             .iter()
-            .any(|&s| (s >> 12..=(s + n - 1) >> 12).contains(&page))
+            .any(|&s| (s >> LOG_PAGE_SHIFT..=(s + n - 1) >> LOG_PAGE_SHIFT).contains(&page))
         {
             return Some("status");
         }
@@ -274,12 +275,15 @@ mod tests {
             }
         }
         for &s in &p.scratch {
-            assert_eq!(p.page_kind(s >> 12), Some("status"));
-            assert_eq!(p.page_kind((s + p.scratch_bytes - 1) >> 12), Some("status"));
+            assert_eq!(p.page_kind(s >> LOG_PAGE_SHIFT), Some("status"));
+            assert_eq!(
+                p.page_kind((s + p.scratch_bytes - 1) >> LOG_PAGE_SHIFT),
+                Some("status")
+            );
         }
         for &x in &p.slots[..8] {
-            assert_eq!(p.page_kind(x >> 12), None);
+            assert_eq!(p.page_kind(x >> LOG_PAGE_SHIFT), None);
         }
-        assert_eq!(p.page_kind(layout[1].gpa >> 12), None);
+        assert_eq!(p.page_kind(layout[1].gpa >> LOG_PAGE_SHIFT), None);
     }
 }

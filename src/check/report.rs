@@ -9,6 +9,7 @@ use std::fmt::Write;
 use super::dest::VmmStats;
 use super::error::{EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL};
 use super::options::{Fault, Workload};
+use crate::log::LOG_PAGE_SHIFT;
 
 /// Lost pages listed one by one in a report ([`Report::lost_samples`]).
 const LOST_SAMPLES: usize = 16;
@@ -198,7 +199,7 @@ impl Report {
             }
             if self.lost_samples.len() < LOST_SAMPLES {
                 self.lost_samples.push(LostPage {
-                    gpa: format!("{:#x}", p << 12),
+                    gpa: format!("{:#x}", p << LOG_PAGE_SHIFT),
                     kind,
                     marked_late: late,
                 });

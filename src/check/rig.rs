@@ -22,7 +22,7 @@ use super::plan::{plan, MemPlan};
 use super::report::BackendInfo;
 use crate::driver::blk::{BlkConfigInfo, BlkOp, BlkStatus};
 use crate::driver::{BlkQueue, Connection, DriverError, GuestRam, QueueLayout};
-use crate::log::{log_size_for, LogRegion};
+use crate::log::{log_size_for, LogRegion, LOG_PAGE_SIZE};
 use crate::vmm::MigrationBitmap;
 
 /// What the VMM thread and the workers share.
@@ -303,7 +303,8 @@ impl Rig {
             event_idx: conn.event_idx(),
             mem_slots: protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
         };
-        let written = MigrationBitmap::new(plan.max_gpa_end().div_ceil(4096)).map_err(vmm_err)?;
+        let written =
+            MigrationBitmap::new(plan.max_gpa_end().div_ceil(LOG_PAGE_SIZE)).map_err(vmm_err)?;
         Ok(Rig {
             shared: Arc::new(Shared {
                 ram,

@@ -19,6 +19,7 @@ use super::pattern::{self, Rng, BLOCK};
 use super::rig::Shared;
 use crate::driver::blk::{BlkOp, BlkStatus, Completion};
 use crate::driver::{BlkQueue, DriverError};
+use crate::log::LOG_PAGE_SHIFT;
 
 /// Longest a worker blocks in one wait, so it answers commands promptly.
 const POLL: Duration = Duration::from_millis(5);
@@ -545,13 +546,16 @@ impl Worker {
             let mut pages = 0;
             if !req.write && ok {
                 for &(gpa, l) in &req.segs {
-                    let (p0, p1) = (gpa >> 12, (gpa + u64::from(l) - 1) >> 12);
+                    let (p0, p1) = (
+                        gpa >> LOG_PAGE_SHIFT,
+                        (gpa + u64::from(l) - 1) >> LOG_PAGE_SHIFT,
+                    );
                     w.set_range(p0, p1 - p0 + 1);
                     pages += p1 - p0 + 1;
                 }
             }
             if let Some(g) = c.status_gpa {
-                w.set_range(g >> 12, 1);
+                w.set_range(g >> LOG_PAGE_SHIFT, 1);
                 pages += 1;
             }
             let used = self.q.queue().layout().used_pages();

@@ -13,6 +13,7 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::ByteValued;
 
 use super::{Buf, DriverError, GuestRam, QueueLayout, SplitQueue, UsedElem};
+use crate::log::LOG_PAGE_SHIFT;
 use crate::virtio_blk::{BlkConfigSpace, DiscardWriteZeroes, OutHdr, ID_BYTES};
 pub use crate::virtio_blk::{HEADER_SIZE, SECTOR_SIZE};
 
@@ -518,7 +519,7 @@ impl BlkQueue {
 
     /// The guest page (4 KiB) holding a completion's status byte, which the device wrote.
     pub fn status_page(&self, c: &Completion) -> Option<u64> {
-        c.status_gpa.map(|g| g >> 12)
+        c.status_gpa.map(|g| g >> LOG_PAGE_SHIFT)
     }
 }
 

@@ -365,7 +365,7 @@ impl GuestRam {
                 .enumerate()
             {
                 if a != b {
-                    pages.push((gpa >> 12) + i as u64);
+                    pages.push((gpa >> LOG_PAGE_SHIFT) + i as u64);
                 }
             }
         }
@@ -404,7 +404,7 @@ mod tests {
         ram.write_obj(7u32, 0x9000).unwrap();
         ram.store(1u16, 0xa002, Ordering::Release).unwrap();
         let set: Vec<u64> = (0..log.pages()).filter(|&p| log.test_page(p)).collect();
-        assert_eq!(set, [2, 3, 9, 0xa, (4 << 20 >> 12) + 5]);
+        assert_eq!(set, [2, 3, 9, 0xa, (4 << 20 >> LOG_PAGE_SHIFT) + 5]);
         // Failed writes and reads mark nothing; detaching stops tracking.
         log.clear_all();
         assert!(ram.write(2 << 20, &[0; 8]).is_err());

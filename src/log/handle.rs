@@ -4,6 +4,9 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+#[cfg(doc)]
+use vhost::vhost_user::VhostUserVirtioFeatures;
+
 use super::rcu;
 use super::sync::{AtomicBool, AtomicPtr, AtomicU64, Mutex};
 use super::{LogRegion, LOG_PAGE_SHIFT};
@@ -49,8 +52,9 @@ pub struct LogStats {
 ///
 /// Cheap to clone (one `Arc`), `Send + Sync`, lock-free. The frontend's log is attached with
 /// [`replace_region`](Self::replace_region) (on `SET_LOG_BASE`), logging is switched with
-/// [`set_logging`](Self::set_logging) (on `SET_FEATURES` with or without `VHOST_F_LOG_ALL`),
-/// and every guest write is followed by [`mark`](Self::mark).
+/// [`set_logging`](Self::set_logging) (on `SET_FEATURES` with or without
+/// [`VhostUserVirtioFeatures::LOG_ALL`]), and every guest write is followed by
+/// [`mark`](Self::mark).
 ///
 /// ```
 /// use vhost_dirtylog::log::{DirtyLog, LogRegion};
@@ -177,7 +181,8 @@ impl DirtyLog {
         }
     }
 
-    /// Turns logging on or off (`VHOST_F_LOG_ALL`).
+    /// Turns logging on or off (the frontend acked or dropped
+    /// [`VhostUserVirtioFeatures::LOG_ALL`], bit 26 of the virtio features).
     ///
     /// Turning it on issues a process-wide memory barrier (`membarrier(2)`) before returning,
     /// so a dataplane thread whose relaxed check raced with the switch has its earlier data

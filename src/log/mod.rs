@@ -34,9 +34,12 @@ pub use bitmap::{GuestDirtyBitmap, StockLogAttach};
 pub use handle::{DirtyLog, LogStats};
 pub use region::LogRegion;
 
-pub use region::word_mask;
+#[cfg(test)]
+mod tests;
 
-/// log2 of the vhost-user log page size.
+/// log2 of the vhost-user log page size (`VHOST_LOG_PAGE` = 4 KiB): a guest-physical address
+/// `gpa` is log page (and migration bitmap page) `gpa >> LOG_PAGE_SHIFT`. The one place the
+/// crate names it; neither `vhost` nor `vhost-user-backend` exports it.
 pub const LOG_PAGE_SHIFT: u32 = 12;
 /// The vhost-user log page size (`VHOST_LOG_PAGE`): one log bit covers this many bytes.
 pub const LOG_PAGE_SIZE: u64 = 1 << LOG_PAGE_SHIFT;

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use vhost_user_backend::bitmap::MmapLogReg;
 
 use super::sync::{AtomicU64, AtomicU8};
-use super::{LogError, LOG_PAGE_SHIFT};
+use super::{LogError, LOG_PAGE_SIZE};
+use crate::bits::{first_word_mask, last_word_mask, word_mask};
 
 /// Who keeps the log memory alive and how it is released.
 enum Owner {
@@ -45,9 +46,15 @@ enum Owner {
 
 /// A validated, mapped vhost-user dirty log.
 ///
-/// Marks go through [`LogRegion::mark_pages`]; the VMM side reads and clears through
-/// [`LogRegion::words`] and [`LogRegion::tail`]. The region never reads or writes outside
-/// `len_bytes()` bytes from its base.
+/// Marks go through [`LogRegion::mark_pages`]; the VMM side consumes the log with
+/// [`MigrationBitmap::sync_from_log`](crate::vmm::MigrationBitmap::sync_from_log) (one atomic
+/// swap per dirty word). There is deliberately no public view of the log's atomics: a caller
+/// holding one could clear a bit without taking it (a load followed by a store of zero), the
+/// lost-page bug DESIGN.md invariant 3 forbids; the views are crate-private, and a test-only
+/// one exists for test tooling (see [`LogRegion::raw_words`], feature `test-utils`). Reading is
+/// free: [`test_page`](Self::test_page), [`count_set`](Self::count_set),
+/// [`snapshot`](Self::snapshot). The region never reads or writes outside `len_bytes()` bytes
+/// from its base.
 pub struct LogRegion {
     /// First byte of the log (8-byte aligned).
     base: NonNull<u8>,
@@ -247,12 +254,12 @@ impl LogRegion {
 
     /// Highest guest-physical address + 1 the log covers.
     pub fn covered_gpa_end(&self) -> u64 {
-        self.pages().saturating_mul(1 << LOG_PAGE_SHIFT)
+        self.pages().saturating_mul(LOG_PAGE_SIZE)
     }
 
     /// Checks that the log covers guest-physical addresses `[0, gpa_end)`.
     pub fn check_covers(&self, gpa_end: u64) -> Result<(), LogError> {
-        let need_pages = gpa_end.div_ceil(1 << LOG_PAGE_SHIFT);
+        let need_pages = gpa_end.div_ceil(LOG_PAGE_SIZE);
         let need = need_pages.div_ceil(8);
         if need > self.len as u64 {
             return Err(LogError::TooSmall {
@@ -264,7 +271,9 @@ impl LogRegion {
     }
 
     /// The whole 64-bit words of the log (bit `p % 64` of word `p / 64` is page `p`).
-    pub fn words(&self) -> &[AtomicU64] {
+    ///
+    /// Crate-private: only the VMM's merges (`crate::vmm`) consume through it, with swaps.
+    pub(crate) fn words(&self) -> &[AtomicU64] {
         #[cfg(loom)]
         if let Owner::Loom { words, .. } = &self.owner {
             return words;
@@ -276,7 +285,9 @@ impl LogRegion {
     }
 
     /// The bytes after the last whole word (a log whose size is not a multiple of 8).
-    pub fn tail(&self) -> &[AtomicU8] {
+    ///
+    /// Crate-private, as [`words`](Self::words).
+    pub(crate) fn tail(&self) -> &[AtomicU8] {
         #[cfg(loom)]
         if let Owner::Loom { tail, .. } = &self.owner {
             return tail;
@@ -346,21 +357,18 @@ impl LogRegion {
         };
         let words = self.words();
         let whole_pages = words.len() as u64 * 64;
-        let (w0, w1) = (
-            (first / 64) as usize,
-            (last.min(whole_pages.wrapping_sub(1)) / 64) as usize,
-        );
         if first < whole_pages {
+            let lastw = last.min(whole_pages - 1);
+            let (w0, w1) = ((first / 64) as usize, (lastw / 64) as usize);
             if w0 == w1 {
-                let m = word_mask(first % 64, last.min(whole_pages - 1) % 64);
+                let m = word_mask(first % 64, lastw % 64);
                 words[w0].fetch_or(m, Ordering::Release);
             } else {
-                words[w0].fetch_or(!0u64 << (first % 64), Ordering::Release);
+                words[w0].fetch_or(first_word_mask(first), Ordering::Release);
                 for w in &words[w0 + 1..w1] {
                     w.fetch_or(!0, Ordering::Release);
                 }
-                let lastw = last.min(whole_pages - 1);
-                words[w1].fetch_or(word_mask(0, lastw % 64), Ordering::Release);
+                words[w1].fetch_or(last_word_mask(lastw), Ordering::Release);
             }
         }
         if last >= whole_pages {
@@ -408,14 +416,15 @@ impl LogRegion {
         w + t
     }
 
-    /// Clears every bit with a relaxed store (test set-up; the VMM clears with swaps).
-    pub fn clear_all(&self) {
-        for w in self.words() {
-            w.store(0, Ordering::Relaxed);
-        }
-        for b in self.tail() {
-            b.store(0, Ordering::Relaxed);
-        }
+    /// A copy of the log's whole words, read with relaxed loads (bit `p % 64` of word `p / 64`
+    /// is page `p`; the tail bytes of a log whose size is not a multiple of 8 are not included,
+    /// see [`test_page`](Self::test_page)). For diagnostics and tests: reading never clears
+    /// anything.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.words()
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Touches every page of the log for writing, so a log whose file is shorter than its
@@ -460,23 +469,40 @@ impl Drop for LogRegion {
     }
 }
 
-/// Mask with bits `lo..=hi` set (`lo <= hi < 64`), as used for the first and last word of a range.
-#[inline]
-pub fn word_mask(lo: u64, hi: u64) -> u64 {
-    (!0u64 >> (63 - hi)) & (!0u64 << lo)
+/// Raw access to the log's atomics, for test tooling only: compiled with `cfg(test)`,
+/// `cfg(loom)`, `cfg(fuzzing)` or the `test-utils` feature, never for a VMM or backend build
+/// without it.
+///
+/// With these a caller can clear a bit without consuming it, which DESIGN.md invariant 3
+/// forbids in production. Tests use them for what production must not do: negative controls
+/// (a load-then-store clear must be caught), benchmark set-up (refill a log with a pattern
+/// between timed syncs, and time a bare scan and the bare swaps as baselines) and test set-up
+/// (wipe a log between steps).
+#[cfg(any(test, loom, fuzzing, feature = "test-utils"))]
+impl LogRegion {
+    /// Test tooling: the log's whole 64-bit words as atomics (bit `p % 64` of word `p / 64`
+    /// is page `p`). To consume a log use
+    /// [`MigrationBitmap::sync_from_log`](crate::vmm::MigrationBitmap::sync_from_log); to read
+    /// it, [`snapshot`](Self::snapshot).
+    pub fn raw_words(&self) -> &[AtomicU64] {
+        self.words()
+    }
+
+    /// Test tooling: clears every bit with relaxed stores (test set-up between steps, on a log
+    /// nothing marks concurrently; a VMM consumes a log with swaps instead).
+    pub fn clear_all(&self) {
+        for w in self.words() {
+            w.store(0, Ordering::Relaxed);
+        }
+        for b in self.tail() {
+            b.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn word_mask_edges() {
-        assert_eq!(word_mask(0, 63), !0);
-        assert_eq!(word_mask(0, 0), 1);
-        assert_eq!(word_mask(63, 63), 1 << 63);
-        assert_eq!(word_mask(3, 5), 0b111000);
-    }
 
     #[test]
     fn tail_bytes_are_marked() {

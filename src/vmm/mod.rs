@@ -10,9 +10,9 @@
 //! - [`SharedLog`]: the log itself — a sealed memfd sized for the guest's physical address
 //!   space, mapped in the VMM and described in the form `vhost`'s frontend sends with
 //!   `VHOST_USER_SET_LOG_BASE` ([`SharedLog::dirty_log_region`]).
-//! - [`MigrationBitmap`]: one bit per 4 KiB guest page, stored in fixed-size blocks behind an
-//!   append-only, atomically swapped block table, so memory hotplug grows it without copying a
-//!   block and without a lock on any reader.
+//! - [`MigrationBitmap`]: one bit per 4 KiB guest page (page `gpa >> LOG_PAGE_SHIFT`), stored in
+//!   fixed-size blocks behind an append-only, atomically swapped block table, so memory hotplug
+//!   grows it without copying a block and without a lock on any reader.
 //! - The merges: [`MigrationBitmap::sync_from_log`] (consume the log: one atomic swap per
 //!   non-zero word, as QEMU's `vhost_dev_sync_region` does),
 //!   [`MigrationBitmap::fetch_log`] + [`FetchedLog::clear_pages`] (copy now, clear later in
@@ -80,13 +80,20 @@
 //! meanwhile; sync of a log whose bits lie past the bitmap end leaves them in the log, so
 //! growing the bitmap before the hand-over (step 2) is what makes them mergeable.
 
-mod bitmap;
-mod shared_log;
+// One job per file (each file's docs give the reasons for its design):
+mod bitmap; // the `MigrationBitmap` type, growth, set / take ranges
+mod blocks; // block storage, the block table, the writer lock
+mod fetch; // deferred mode: fetch now, clear chunk by chunk later
+mod iter; // readers: test, count, next dirty page, iterate, snapshot
+mod merge; // the shared merge loop and `LeWords` sources
+mod shared_log; // the memfd log the VMM hands to the backend
+mod sync; // consuming a log: one atomic swap per dirty word
 
-pub use bitmap::{
-    DirtyPages, FetchedLog, LeWords, MigrationBitmap, BLOCK_PAGES, DEFAULT_CLEAR_CHUNK_PAGES,
-    MAX_PAGES,
-};
+pub use bitmap::MigrationBitmap;
+pub use blocks::{BLOCK_PAGES, MAX_PAGES};
+pub use fetch::{FetchedLog, DEFAULT_CLEAR_CHUNK_PAGES};
+pub use iter::DirtyPages;
+pub use merge::LeWords;
 pub use shared_log::{SharedLog, MAX_GPA_END};
 
 use crate::log::LogError;
