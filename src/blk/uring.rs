@@ -270,19 +270,32 @@ impl Engine {
         ctx: &IoContext<'_>,
         limits: &Limits,
         event_idx: bool,
+        completion_event: bool,
         qidx: usize,
     ) {
-        // Consume the completion event first: a CQE posted after the reap below re-signals.
-        let _ = self.event.read();
+        if completion_event {
+            // Consume the event first: a CQE posted after the reap below re-signals.
+            let _ = self.event.read();
+        }
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        // Completions that arrive while this loop runs (most page-cache reads complete inside
+        // the submit call) are reaped by it: no eventfd wake-up for them (Linux 5.8+).
+        self.ring.completion().disable_eventfd();
         loop {
             let mut progress = self.reap(vring, ctx, qidx);
             progress |= self.pop(vring, atomic, ctx, limits, event_idx, qidx);
             self.submit(qidx);
             if !progress {
-                break;
+                self.ring.completion().enable_eventfd();
+                // A CQE posted before the enable did not signal: look once more (the kernel
+                // posts, then reads the flag; full barrier between our flag store and tail load).
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                if self.ring.completion().is_empty() {
+                    break;
+                }
+                self.ring.completion().disable_eventfd();
             }
         }
         self.signal(vring, qidx);
