@@ -752,7 +752,17 @@ impl VhostUserBackend for BlkDevice {
             };
             let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
             let mut e = engine.lock().unwrap_or_else(|e| e.into_inner());
-            e.run(vring, &atomic, &ctx, &limits, event_idx, completion, qidx);
+            e.run(
+                vring,
+                &atomic,
+                &ctx,
+                &limits,
+                uring::RunFlags {
+                    event_idx,
+                    completion_event: completion,
+                },
+                qidx,
+            );
             return Ok(());
         }
         if completion {

@@ -1,9 +1,9 @@
 //! The asynchronous dataplane: one io_uring per queue, up to the queue's depth in the disk.
 //!
 //! ## Shape
-//! Each queue's worker thread (vhost-user-backend's `VringEpollHandler`) owns one [`Engine`]:
+//! Each queue's worker thread (vhost-user-backend's `VringEpollHandler`) owns one `Engine`:
 //! an io_uring whose completion eventfd is registered in the worker's epoll set as a device
-//! event ([`super::BlkDevice::attach`]). A kick or a completion event runs [`Engine::run`]:
+//! event ([`super::BlkDevice::attach`]). A kick or a completion event runs `Engine::run`:
 //! reap completions, pop new chains and turn them into SQEs, submit, and repeat until nothing
 //! moves; then notify the driver once (EVENT_IDX suppression through `needs_notification`).
 //! Completion order is free (virtio 1.2 §5.2.6: the device may complete requests in any order).
@@ -197,6 +197,15 @@ enum Started {
     InFlight,
 }
 
+/// Why [`Engine::run`] runs and how the ring was negotiated.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunFlags {
+    /// `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+    pub(crate) event_idx: bool,
+    /// Woken by the ring's completion eventfd (not a kick).
+    pub(crate) completion_event: bool,
+}
+
 /// One queue's io_uring and its requests in flight.
 pub(crate) struct Engine {
     ring: IoUring,
@@ -269,11 +278,11 @@ impl Engine {
         atomic: &DirtyGuestMemory,
         ctx: &IoContext<'_>,
         limits: &Limits,
-        event_idx: bool,
-        completion_event: bool,
+        how: RunFlags,
         qidx: usize,
     ) {
-        if completion_event {
+        let event_idx = how.event_idx;
+        if how.completion_event {
             // Consume the event first: a CQE posted after the reap below re-signals.
             let _ = self.event.read();
         }
