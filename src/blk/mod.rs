@@ -7,8 +7,10 @@
 //!
 //! - [`request`]: the pure descriptor-chain parser (fuzzed).
 //! - [`disk`]: the backing store and its positional / `O_DIRECT` I/O.
-//! - [`io`]: executing a request, including the explicit dirty-log marks for `--direct` reads
-//!   that bypass vm-memory.
+//! - [`io`]: executing a request synchronously, including the explicit dirty-log marks for
+//!   `--direct` reads that bypass vm-memory.
+//! - [`uring`]: the asynchronous dataplane (one io_uring per queue, up to the queue's depth in
+//!   the disk), and [`vring`]: the vring type whose disable waits for those requests.
 //! - [`BlkDevice`]: the [`VhostUserBackend`] (features, config space, one worker thread per
 //!   queue, EVENT_IDX, quiescing on `GET_VRING_BASE`).
 //! - [`daemon`]: the accept loop the `vhost-dirtylog-blk` program runs.
@@ -27,6 +29,13 @@
 //! written, marked, used ring updated — and no later batch can start until the frontend restarts
 //! the ring (`SET_VRING_KICK` sets `ready` again). The reply to `GET_VRING_BASE` therefore
 //! follows the last guest write and the last mark for that ring.
+//!
+//! With the io_uring dataplane ([`uring`], the default when the kernel allows it and the device
+//! was [attached](BlkDevice::attach)) requests stay in the disk after the worker released the
+//! ring. The worker still pops only while the ring is ready and enabled, under the ring lock,
+//! and counts what it popped in the ring's [`vring::Gate`] before releasing the lock;
+//! `stop_vring` and `SET_VRING_ENABLE(0)` ([`BlkVring`]'s `set_enabled`) wait until that count
+//! is zero, i.e. until every popped request completed, was marked and is in the used ring.
 
 pub mod daemon;
 pub mod disk;
