@@ -17,7 +17,7 @@ use clap::Parser;
 use vhost::vhost_user::Listener;
 use vhost_dirtylog::blk::daemon::{BlkOptions, BlkServer};
 use vhost_dirtylog::blk::disk::Disk;
-use vhost_dirtylog::blk::{parse_serial, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
+use vhost_dirtylog::blk::{parse_serial, AioMode, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
 
 /// vhost-user-blk backend with dirty-page logging for live migration.
 ///
@@ -72,6 +72,11 @@ struct Args {
     /// and guest memory.
     #[arg(long)]
     direct: bool,
+
+    /// Dataplane: io_uring (up to the queue depth in the disk per queue) or sync (one blocking
+    /// request at a time per queue). Default: io_uring when the kernel allows it, else sync.
+    #[arg(long, value_name = "io_uring|sync", default_value_t = AioMode::Auto)]
+    aio: AioMode,
 
     /// Serial number reported to the guest (GET_ID), at most 20 bytes.
     /// Defaults to the image file name, truncated.
@@ -132,6 +137,7 @@ fn run(args: Args) -> Result<(), String> {
             num_queues: args.num_queues,
             queue_size: args.queue_size,
             serial,
+            aio: args.aio,
         },
     };
 

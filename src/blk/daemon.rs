@@ -106,6 +106,9 @@ impl BlkServer {
         }
         let mut daemon = VhostUserDaemon::new("vhost-dirtylog-blk".to_string(), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        if let Err(e) = device.attach(&daemon) {
+            log::warn!("cannot attach the io_uring dataplane ({e}); serving synchronously");
+        }
         daemon
             .start(listener)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;

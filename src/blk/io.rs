@@ -99,7 +99,7 @@ pub fn execute(req: &Request, mem: &Mem, ctx: &IoContext<'_>) -> io::Result<(u32
     }
 }
 
-fn mem_err(e: vm_memory::GuestMemoryError) -> io::Error {
+pub(crate) fn mem_err(e: vm_memory::GuestMemoryError) -> io::Error {
     match e {
         vm_memory::GuestMemoryError::IOError(e) => e,
         e => io::Error::new(io::ErrorKind::InvalidInput, e),
@@ -200,14 +200,14 @@ fn write(req: &Request, mem: &Mem, ctx: &IoContext<'_>) -> io::Result<DataPath> 
     Ok(DataPath::Buffered)
 }
 
-fn bounce_chunk(io_align: u64) -> usize {
+pub(crate) fn bounce_chunk(io_align: u64) -> usize {
     let a = io_align.max(1) as usize;
     (BOUNCE_CHUNK / a).max(1) * a
 }
 
 /// Host I/O vectors for the guest segments, split at region boundaries, if every piece meets
 /// the `O_DIRECT` alignment; `None` if one does not.
-fn host_iovs(
+pub(crate) fn host_iovs(
     mem: &Mem,
     segs: &[Segment],
     mem_align: usize,
@@ -265,14 +265,14 @@ fn for_each_piece(
 }
 
 /// Writes `buf` into the stream `segs` at stream offset `pos`, through vm-memory (marked).
-fn scatter(mem: &Mem, segs: &[Segment], pos: u64, buf: &[u8]) -> io::Result<()> {
+pub(crate) fn scatter(mem: &Mem, segs: &[Segment], pos: u64, buf: &[u8]) -> io::Result<()> {
     for_each_piece(segs, pos, buf.len(), |addr, r| {
         mem.write_slice(&buf[r], addr).map_err(mem_err)
     })
 }
 
 /// Reads the stream `segs` at stream offset `pos` into `buf`.
-fn gather(mem: &Mem, segs: &[Segment], pos: u64, buf: &mut [u8]) -> io::Result<()> {
+pub(crate) fn gather(mem: &Mem, segs: &[Segment], pos: u64, buf: &mut [u8]) -> io::Result<()> {
     let len = buf.len();
     for_each_piece(segs, pos, len, |addr, r| {
         mem.read_slice(&mut buf[r], addr).map_err(mem_err)

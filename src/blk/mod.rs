@@ -7,8 +7,10 @@
 //!
 //! - [`request`]: the pure descriptor-chain parser (fuzzed).
 //! - [`disk`]: the backing store and its positional / `O_DIRECT` I/O.
-//! - [`io`]: executing a request, including the explicit dirty-log marks for `--direct` reads
-//!   that bypass vm-memory.
+//! - [`io`]: executing a request synchronously, including the explicit dirty-log marks for
+//!   `--direct` reads that bypass vm-memory.
+//! - [`uring`]: the asynchronous dataplane (one io_uring per queue, up to the queue's depth in
+//!   the disk), and [`vring`]: the vring type whose disable waits for those requests.
 //! - [`BlkDevice`]: the [`VhostUserBackend`] (features, config space, one worker thread per
 //!   queue, EVENT_IDX, quiescing on `GET_VRING_BASE`).
 //! - [`daemon`]: the accept loop the `vhost-dirtylog-blk` program runs.
@@ -27,18 +29,28 @@
 //! written, marked, used ring updated — and no later batch can start until the frontend restarts
 //! the ring (`SET_VRING_KICK` sets `ready` again). The reply to `GET_VRING_BASE` therefore
 //! follows the last guest write and the last mark for that ring.
+//!
+//! With the io_uring dataplane ([`uring`], the default when the kernel allows it and the device
+//! was [attached](BlkDevice::attach)) requests stay in the disk after the worker released the
+//! ring. The worker still pops only while the ring is ready and enabled, under the ring lock,
+//! and counts what it popped in the ring's [`vring::Gate`] before releasing the lock;
+//! `stop_vring` and `SET_VRING_ENABLE(0)` ([`BlkVring`]'s `set_enabled`) wait until that count
+//! is zero, i.e. until every popped request completed, was marked and is in the used ring.
 
 pub mod daemon;
 pub mod disk;
 pub mod io;
 pub mod request;
+pub mod uring;
+pub mod vring;
 
 use std::io::{Error as IoError, ErrorKind, Result as IoResult};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringState, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -48,6 +60,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{DirtyGuestMemory, DirtyLogBackend};
 use crate::log::{DirtyLog, GuestDirtyBitmap};
@@ -55,6 +68,9 @@ use crate::virtio_blk::{BlkConfigSpace, CONFIG_WCE_OFFSET, ID_BYTES};
 use disk::Disk;
 use io::{DataPath, IoContext, Mem};
 use request::Limits;
+use uring::Engine;
+pub use uring::{io_uring_available, AioMode};
+pub use vring::BlkVring;
 
 /// Largest queue size the device accepts.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -76,6 +92,8 @@ pub struct BlkConfig {
     pub queue_size: u16,
     /// `GET_ID` serial (at most 20 bytes; shorter is zero-padded).
     pub serial: Vec<u8>,
+    /// Dataplane: io_uring (default when available) or synchronous.
+    pub aio: AioMode,
 }
 
 impl Default for BlkConfig {
@@ -84,6 +102,7 @@ impl Default for BlkConfig {
             num_queues: 1,
             queue_size: 256,
             serial: Vec::new(),
+            aio: AioMode::Auto,
         }
     }
 }
@@ -100,6 +119,9 @@ pub enum ConfigError {
     /// Serial too long.
     #[error("serial must be at most 20 bytes, got {0}")]
     Serial(usize),
+    /// `--aio io_uring` asked for but io_uring cannot be used.
+    #[error("--aio io_uring: {0}")]
+    Aio(String),
 }
 
 impl BlkConfig {
@@ -116,6 +138,14 @@ impl BlkConfig {
         }
         if self.serial.len() > ID_BYTES {
             return Err(ConfigError::Serial(self.serial.len()));
+        }
+        match self.aio {
+            AioMode::IoUring => io_uring_available().map_err(ConfigError::Aio)?,
+            // Probed (and its outcome logged) once per process.
+            AioMode::Auto => {
+                let _ = io_uring_available();
+            }
+            AioMode::Sync => {}
         }
         Ok(())
     }
@@ -136,6 +166,29 @@ pub struct QueueStats {
     pub stops: u64,
 }
 
+impl QueueStats {
+    fn add(&mut self, o: &QueueStats) {
+        self.completed += o.completed;
+        self.errors += o.errors;
+        self.direct_zero_copy += o.direct_zero_copy;
+        self.direct_bounce += o.direct_bounce;
+        self.stops += o.stops;
+    }
+}
+
+/// One queue's state in the device.
+struct Queue {
+    /// Counters; in synchronous mode also the quiesce lock (the worker holds it while it
+    /// processes the ring).
+    stats: Mutex<QueueStats>,
+    /// The io_uring dataplane, when in use.
+    engine: Option<Mutex<Engine>>,
+    /// Test hook: keep this queue's SQEs back (requests stay in the disk).
+    hold: Arc<AtomicBool>,
+    /// A duplicate of the engine's completion eventfd, to wake the worker.
+    wake: Option<EventFd>,
+}
+
 struct Inner {
     disk: Arc<Disk>,
     config: BlkConfig,
@@ -145,8 +198,11 @@ struct Inner {
     event_idx: AtomicBool,
     writeback: AtomicBool,
     acked_features: AtomicU64,
-    /// One quiesce lock per queue; the worker holds it while it processes the ring.
-    queues: Vec<Mutex<QueueStats>>,
+    /// Per queue: counters, quiesce lock (sync) and io_uring engine (async).
+    queues: Vec<Queue>,
+    /// The engines' completion eventfds are in the workers' epoll sets ([`BlkDevice::attach`]);
+    /// until then the device serves synchronously.
+    attached: AtomicBool,
     /// Exit-event fds handed to vhost-user-backend, which takes them with `into_raw_fd()` and
     /// never closes them (0.24); [`BlkDevice::reclaim_exit_fds`] closes them after the daemon
     /// is gone, so a long-running daemon does not leak one fd per worker per connection.
@@ -180,9 +236,40 @@ impl BlkDevice {
         config.validate()?;
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(&config.serial);
-        let queues = (0..config.num_queues)
-            .map(|_| Mutex::new(QueueStats::default()))
-            .collect();
+        let mut queues = Vec::with_capacity(usize::from(config.num_queues));
+        let want_uring = match config.aio {
+            AioMode::Sync => false,
+            AioMode::IoUring => true,
+            AioMode::Auto => io_uring_available().is_ok(),
+        };
+        for q in 0..config.num_queues {
+            let hold = Arc::new(AtomicBool::new(false));
+            let engine = if want_uring {
+                match Engine::new(config.queue_size, hold.clone()) {
+                    Ok(e) => Some(e),
+                    Err(e) if config.aio == AioMode::IoUring => {
+                        return Err(ConfigError::Aio(format!(
+                            "queue {q}: cannot set up io_uring: {e}"
+                        )))
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "queue {q}: cannot set up io_uring ({e}); serving it synchronously"
+                        );
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let wake = engine.as_ref().and_then(|e| e.event().try_clone().ok());
+            queues.push(Queue {
+                stats: Mutex::new(QueueStats::default()),
+                engine: engine.map(Mutex::new),
+                hold,
+                wake,
+            });
+        }
         Ok(BlkDevice {
             inner: Arc::new(Inner {
                 disk,
@@ -194,6 +281,7 @@ impl BlkDevice {
                 writeback: AtomicBool::new(true),
                 acked_features: AtomicU64::new(0),
                 queues,
+                attached: AtomicBool::new(false),
                 exit_fds: Mutex::new(Vec::new()),
             }),
         })
@@ -256,10 +344,102 @@ impl BlkDevice {
 
     /// Counters of queue `index`.
     pub fn queue_stats(&self, index: usize) -> Option<QueueStats> {
-        self.inner
-            .queues
-            .get(index)
-            .map(|q| *q.lock().unwrap_or_else(|e| e.into_inner()))
+        let q = self.inner.queues.get(index)?;
+        let mut s = *q.stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &q.engine {
+            s.add(&e.lock().unwrap_or_else(|e| e.into_inner()).stats);
+        }
+        Some(s)
+    }
+
+    /// Whether queue `index` is served by io_uring (set up, and [attached](Self::attach)).
+    pub fn is_async(&self, index: usize) -> bool {
+        self.inner.attached.load(Ordering::Acquire)
+            && self
+                .inner
+                .queues
+                .get(index)
+                .is_some_and(|q| q.engine.is_some())
+    }
+
+    /// Requests of queue `index` popped from the ring and not yet in the used ring (always 0
+    /// in synchronous mode between batches).
+    pub fn in_flight(&self, index: usize) -> usize {
+        self.inner.queues.get(index).map_or(0, |q| match &q.engine {
+            Some(e) => e.lock().unwrap_or_else(|e| e.into_inner()).in_flight(),
+            None => 0,
+        })
+    }
+
+    /// Registers each queue's io_uring completion eventfd in its worker's epoll set, as the
+    /// device event `num_queues + 1` (`VringEpollHandler::register_listener`), which turns the
+    /// asynchronous dataplane on. Call once, after `VhostUserDaemon::new` and before `start`.
+    /// Without it (or if it fails) the device serves requests synchronously.
+    pub fn attach<B>(&self, daemon: &VhostUserDaemon<B>) -> IoResult<()>
+    where
+        B: VhostUserBackend + Clone + 'static,
+        B::Bitmap: vhost_user_backend::bitmap::BitmapReplace
+            + vm_memory::bitmap::NewBitmap
+            + Clone
+            + Send
+            + Sync,
+        B::Vring: Clone + Send + Sync,
+    {
+        let handlers = daemon.get_epoll_handlers();
+        let id = u64::from(self.inner.config.num_queues) + 1;
+        let mut any = false;
+        for (i, q) in self.inner.queues.iter().enumerate() {
+            let Some(wake) = &q.wake else { continue };
+            let h = handlers.get(i).ok_or_else(|| {
+                IoError::new(
+                    ErrorKind::InvalidInput,
+                    format!("no worker thread for queue {i}"),
+                )
+            })?;
+            h.register_listener(wake.as_raw_fd(), EventSet::IN, id)?;
+            any = true;
+        }
+        self.inner.attached.store(any, Ordering::Release);
+        Ok(())
+    }
+
+    /// Test hook: while `on`, queue `index` keeps its requests' SQEs back, so popped requests
+    /// stay "in the disk" (no data moves) until it is turned off again.
+    #[cfg(feature = "test-utils")]
+    pub fn hold_submissions_for_tests(&self, index: usize, on: bool) {
+        if let Some(q) = self.inner.queues.get(index) {
+            q.hold.store(on, Ordering::SeqCst);
+            if !on {
+                if let Some(w) = &q.wake {
+                    let _ = w.write(1);
+                }
+            }
+        }
+    }
+
+    /// Test hook (negative control): `GET_VRING_BASE` and `SET_VRING_ENABLE(0)` on queue
+    /// `index` stop waiting for its requests in the disk. Takes effect once the queue has run
+    /// (its ring is bound); returns whether it did.
+    #[cfg(feature = "test-utils")]
+    pub fn skip_quiesce_for_tests(&self, index: usize, on: bool) -> bool {
+        let Some(Some(e)) = self.inner.queues.get(index).map(|q| q.engine.as_ref()) else {
+            return false;
+        };
+        let e = e.lock().unwrap_or_else(|e| e.into_inner());
+        match e.vring() {
+            Some(v) => {
+                v.gate().skip_wait_for_tests(on);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Completes every request still in the disk (data, marks, status, used ring). For
+    /// teardown, after the `VhostUserDaemon` was dropped (its workers joined); also done by
+    /// [`reclaim_exit_fds`](Self::reclaim_exit_fds) and when the device is dropped.
+    pub fn drain_in_flight(&self) {
+        self.inner.drain_in_flight();
     }
 
     /// The disk being served.
@@ -271,6 +451,7 @@ impl BlkDevice {
     /// `VhostUserDaemon` serving this device has been dropped (its workers joined, their epoll
     /// sets closed): then nothing refers to these fds any more.
     pub fn reclaim_exit_fds(&self) {
+        self.inner.drain_in_flight();
         let fds = std::mem::take(
             &mut *self
                 .inner
@@ -395,7 +576,7 @@ impl BlkDevice {
 
 impl VhostUserBackend for BlkDevice {
     type Bitmap = GuestDirtyBitmap;
-    type Vring = VringRwLock<DirtyGuestMemory>;
+    type Vring = BlkVring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.inner.config.num_queues)
@@ -522,10 +703,21 @@ impl VhostUserBackend for BlkDevice {
             .queues
             .get(queue_index as usize)
             .ok_or_else(|| IoError::new(ErrorKind::InvalidInput, "no such queue"))?;
-        // The worker holds this lock for as long as it touches the ring; the ring's ready bit is
-        // already clear, so once we hold it no request of this ring is in flight or can start.
-        let mut stats = q.lock().unwrap_or_else(|e| e.into_inner());
-        stats.stops += 1;
+        // The synchronous worker holds this lock for as long as it touches the ring; the ring's
+        // ready bit is already clear, so once we hold it no batch is running or can start.
+        q.stats.lock().unwrap_or_else(|e| e.into_inner()).stops += 1;
+        // The asynchronous worker pops only while the ring is ready, under the ring lock, and
+        // counts what it popped before releasing it: wait for those to complete.
+        if let Some(e) = &q.engine {
+            let gate = e
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .vring()
+                .map(|v| v.gate().clone());
+            if let Some(g) = gate {
+                g.wait_idle("GET_VRING_BASE");
+            }
+        }
         log::debug!("queue {queue_index}: stopped");
         Ok(())
     }
@@ -542,18 +734,50 @@ impl VhostUserBackend for BlkDevice {
             log::warn!("queue {thread_id}: ignoring unexpected event set {evset:?}");
             return Ok(());
         }
-        // One queue per thread: the thread index is the queue index, the event its only vring.
+        // One queue per thread: the thread index is the queue index, its only vring event 0;
+        // `num_queues + 1` is the queue's io_uring completion event.
         let qidx = thread_id;
-        let (Some(vring), Some(q)) = (
-            vrings.get(device_event as usize),
-            self.inner.queues.get(qidx),
-        ) else {
+        let completion = u64::from(device_event) == u64::from(self.inner.config.num_queues) + 1;
+        let vring_idx = if completion { 0 } else { device_event as usize };
+        let (Some(vring), Some(q)) = (vrings.get(vring_idx), self.inner.queues.get(qidx)) else {
             return Err(IoError::new(
                 ErrorKind::InvalidInput,
                 format!("event {device_event} on thread {thread_id} matches no queue"),
             ));
         };
-        let mut stats = q.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(engine), true) = (&q.engine, self.inner.attached.load(Ordering::Acquire)) {
+            let atomic = self
+                .inner
+                .mem
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let limits = self.limits();
+            let ctx = IoContext {
+                disk: &self.inner.disk,
+                log: &self.inner.log,
+                serial: &self.inner.serial,
+                writeback: self.inner.writeback.load(Ordering::Relaxed),
+            };
+            let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+            let mut e = engine.lock().unwrap_or_else(|e| e.into_inner());
+            e.run(
+                vring,
+                &atomic,
+                &ctx,
+                &limits,
+                uring::RunFlags {
+                    event_idx,
+                    completion_event: completion,
+                },
+                qidx,
+            );
+            return Ok(());
+        }
+        if completion {
+            return Ok(());
+        }
+        let mut stats = q.stats.lock().unwrap_or_else(|e| e.into_inner());
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return Ok(());
@@ -586,6 +810,29 @@ impl VhostUserBackend for BlkDevice {
             self.process_queue(&mut state, mem, &mut stats, qidx);
         }
         Ok(())
+    }
+}
+
+impl Inner {
+    fn drain_in_flight(&self) {
+        let ctx = IoContext {
+            disk: &self.disk,
+            log: &self.log,
+            serial: &self.serial,
+            writeback: self.writeback.load(Ordering::Relaxed),
+        };
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Some(e) = &q.engine {
+                e.lock().unwrap_or_else(|e| e.into_inner()).drain(&ctx, i);
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // No request may outlive the buffers and mappings it writes into.
+        self.drain_in_flight();
     }
 }
 

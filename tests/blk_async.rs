@@ -1,0 +1,483 @@
+//! The io_uring dataplane (`src/blk/uring.rs`): quiescing with requests held in the disk, ring
+//! messages arriving while completions are pending, and the `--aio` option / fallback.
+//!
+//! Requests are held "in the disk" with the device's test hook
+//! [`BlkDevice::hold_submissions_for_tests`]: the worker pops them (they count as in flight)
+//! but keeps their SQEs back, so no data moves until the test releases them. That is
+//! deterministic, unlike a slow device, and holds the requests exactly where a slow disk would.
+
+mod blk_support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blk_support::*;
+use vhost::vhost_user::Listener;
+use vhost_dirtylog::backend::{DirtyLogBackend, VHOST_F_LOG_ALL};
+use vhost_dirtylog::blk::disk::Disk;
+use vhost_dirtylog::blk::{AioMode, BlkConfig, BlkDevice};
+use vhost_dirtylog::driver::blk::BlkOp;
+use vhost_dirtylog::driver::{Connection, RegionSpec};
+use vhost_dirtylog::log::DirtyLog;
+use vhost_dirtylog::vmm::SharedLog;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// An image under the target directory (a real file system: `O_DIRECT` works there, unlike on
+/// tmpfs), filled with `image_byte`.
+fn target_env(size: u64) -> Env {
+    use std::io::Write;
+    let dir = tempfile::Builder::new()
+        .prefix("blk-async")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let image = dir.path().join("disk.img");
+    let mut f = std::fs::File::create(&image).unwrap();
+    f.write_all(&image_bytes(0, size as usize)).unwrap();
+    f.sync_all().unwrap();
+    let sock = dir.path().join("blk.sock");
+    Env { dir, image, sock }
+}
+
+/// The device in this process with the io_uring dataplane attached.
+struct Async {
+    env: Env,
+    device: BlkDevice,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Async {
+    /// `None` if `direct` is asked for and the file system refuses `O_DIRECT`.
+    fn start(direct: bool, queues: u16) -> Option<Async> {
+        let env = target_env(IMAGE_SIZE);
+        let disk = match Disk::open(&env.image, false, direct) {
+            Ok(d) => Arc::new(d),
+            Err(e) if direct => {
+                eprintln!("SKIPPED (--direct): {e}");
+                return None;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let log = DirtyLog::new();
+        let config = BlkConfig {
+            num_queues: queues,
+            aio: AioMode::IoUring,
+            ..BlkConfig::default()
+        };
+        let device = BlkDevice::new(disk, config, log.clone(), mem.clone()).unwrap();
+        let backend = DirtyLogBackend::with_log(device.clone(), log);
+        let mut daemon = VhostUserDaemon::new("blk-async".into(), backend, mem).unwrap();
+        device.attach(&daemon).unwrap();
+        for q in 0..usize::from(queues) {
+            assert!(device.is_async(q));
+        }
+        let mut listener = Listener::new(&env.sock, true).unwrap();
+        let thread = thread::spawn(move || {
+            daemon.start(&mut listener).unwrap();
+            let _ = daemon.wait();
+        });
+        Some(Async {
+            env,
+            device,
+            thread: Some(thread),
+        })
+    }
+
+    fn connect(&self) -> Connection {
+        Connection::connect(&self.env.sock, T).expect("connect")
+    }
+
+    fn wait_in_flight(&self, q: usize, n: usize) {
+        let deadline = Instant::now() + T;
+        while self.device.in_flight(q) != n {
+            assert!(
+                Instant::now() < deadline,
+                "device has {} in flight, expected {n}",
+                self.device.in_flight(q)
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Async {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if !thread::panicking() {
+                // The test dropped its connection: the daemon thread ends.
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+const N: usize = 16;
+const FILL: u8 = 0xee;
+
+/// Request `i`: a 4 KiB read of sectors `8 * i + 64 ..` into a page-aligned buffer.
+fn buf(i: usize) -> u64 {
+    DATA_BASE + i as u64 * 0x2000
+}
+fn sector(i: usize) -> u64 {
+    8 * i as u64 + 64
+}
+
+/// Holds `N` reads and one write in the disk, sends the quiescing message `stop` from another
+/// thread, checks it does not return while they are held and that no data landed, releases
+/// them, and checks that after the reply everything is complete, marked, and that no guest
+/// byte changes any more. With `negative`, the device does not wait (negative control): the
+/// function returns what it saw instead of asserting.
+fn quiesce_with_requests_in_the_disk(
+    direct: bool,
+    stop: fn(&mut Connection) -> (),
+    negative: bool,
+) -> Option<Result<(), String>> {
+    let a = Async::start(direct, 1)?;
+    let mut vm = Vm::new(a.connect(), 1);
+    let log = vm.start_logging(RAM_SIZE);
+    // One request first so the queue's ring is bound (for the negative-control hook).
+    vm.queues[0]
+        .run(
+            BlkOp::Read {
+                sector: 0,
+                data: &[(DATA_BASE + 0x100000, 4096)],
+            },
+            T,
+        )
+        .unwrap();
+    if negative {
+        assert!(a.device.skip_quiesce_for_tests(0, true));
+    }
+    for i in 0..N {
+        vm.ram.fill(buf(i), 4096, FILL).unwrap();
+    }
+    let wdata = vec![0x5au8; 4096];
+    vm.ram.write(DATA_BASE + 0x80000, &wdata).unwrap();
+
+    a.device.hold_submissions_for_tests(0, true);
+    for i in 0..N {
+        vm.queues[0]
+            .submit(
+                BlkOp::Read {
+                    sector: sector(i),
+                    data: &[(buf(i), 4096)],
+                },
+                i as u64,
+            )
+            .unwrap();
+    }
+    vm.queues[0]
+        .submit(
+            BlkOp::Write {
+                sector: 4096,
+                data: &[(DATA_BASE + 0x80000, 4096)],
+            },
+            N as u64,
+        )
+        .unwrap();
+    vm.queues[0].kick().unwrap();
+    a.wait_in_flight(0, N + 1);
+
+    let ram = vm.ram.clone();
+    let mut conn = std::mem::replace(&mut vm.conn, a.connect_placeholder());
+    let stopper = thread::spawn(move || {
+        stop(&mut conn);
+        // The earliest moment after the reply.
+        (conn, ram.snapshot(), Instant::now())
+    });
+    thread::sleep(Duration::from_millis(300));
+    let replied_while_held = stopper.is_finished();
+    let landed_while_held = (0..N).any(|i| vm.ram.read_vec(buf(i), 4096).unwrap() != [FILL; 4096]);
+    assert!(
+        !landed_while_held,
+        "data moved while the requests were held"
+    );
+    let released = Instant::now();
+    a.device.hold_submissions_for_tests(0, false);
+    let (conn, at_reply, replied) = stopper.join().unwrap();
+    vm.conn = conn;
+    thread::sleep(Duration::from_millis(200));
+    let changed_after = vm.ram.changed_pages(&at_reply);
+
+    if negative {
+        return Some(if replied_while_held || !changed_after.is_empty() {
+            Err(format!(
+                "replied while held: {replied_while_held}, pages changed after the reply: {}",
+                changed_after.len()
+            ))
+        } else {
+            Ok(())
+        });
+    }
+    assert!(
+        !replied_while_held,
+        "the quiescing message was answered with requests in the disk"
+    );
+    assert!(replied >= released);
+    assert!(
+        changed_after.is_empty(),
+        "guest pages changed after the reply: {changed_after:x?}"
+    );
+    assert_eq!(a.device.in_flight(0), 0);
+    // Everything is in the used ring already: harvest without waiting for an interrupt.
+    let mut got = BTreeSet::new();
+    while let Some(c) = vm.queues[0].try_complete().unwrap() {
+        assert!(c.is_ok(), "{c:?}");
+        got.insert(c.token);
+    }
+    assert_eq!(got, (0..=N as u64).collect::<BTreeSet<_>>());
+    let dirty: BTreeSet<u64> = dirty_pages(&log).into_iter().collect();
+    for i in 0..N {
+        assert_eq!(
+            vm.ram.read_vec(buf(i), 4096).unwrap(),
+            image_bytes(sector(i) * 512, 4096),
+            "request {i}"
+        );
+        assert!(
+            dirty.contains(&(buf(i) >> 12)),
+            "data page of request {i} not marked"
+        );
+    }
+    for p in vm.queues[0].queue().layout().used_pages() {
+        assert!(dirty.contains(&p), "used ring page {p:#x} not marked");
+    }
+    let mut disk = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&a.env.image).unwrap(),
+        &mut disk,
+        4096 * 512,
+    )
+    .unwrap();
+    assert_eq!(disk, wdata);
+    Some(Ok(()))
+}
+
+impl Async {
+    /// A connection that is never used (stands in while the real one is on another thread).
+    fn connect_placeholder(&self) -> Connection {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        Connection::from_stream(a)
+    }
+}
+
+fn get_vring_base(c: &mut Connection) {
+    c.stop_queue(0).unwrap();
+}
+
+fn set_vring_enable_0(c: &mut Connection) {
+    c.set_vring_enable(0, false).unwrap();
+}
+
+#[test]
+fn get_vring_base_waits_for_requests_held_in_the_disk() {
+    quiesce_with_requests_in_the_disk(false, get_vring_base, false)
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn get_vring_base_waits_for_requests_held_in_the_disk_direct() {
+    if let Some(r) = quiesce_with_requests_in_the_disk(true, get_vring_base, false) {
+        r.unwrap();
+    }
+}
+
+#[test]
+fn set_vring_enable_0_waits_for_requests_held_in_the_disk() {
+    quiesce_with_requests_in_the_disk(false, set_vring_enable_0, false)
+        .unwrap()
+        .unwrap();
+}
+
+#[test]
+fn set_vring_enable_0_waits_for_requests_held_in_the_disk_direct() {
+    if let Some(r) = quiesce_with_requests_in_the_disk(true, set_vring_enable_0, false) {
+        r.unwrap();
+    }
+}
+
+/// Negative control: a device that does not wait answers with the requests still in the disk,
+/// and the test sees it.
+#[test]
+fn quiesce_tests_catch_a_device_that_does_not_wait() {
+    for stop in [get_vring_base as fn(&mut Connection), set_vring_enable_0] {
+        let r = quiesce_with_requests_in_the_disk(false, stop, true).unwrap();
+        assert!(r.is_err(), "the negative control went unnoticed");
+        eprintln!("negative control caught: {}", r.unwrap_err());
+    }
+}
+
+/// `SET_VRING_ADDR` storms, `LOG_ALL` toggles, `SET_LOG_BASE` replacements and
+/// `SET_VRING_ENABLE` 0/1 while up to 32 requests are in the disk: every request completes with
+/// the right data, the used index never goes backwards (the driver checks every used entry), and
+/// every page the device changed after the last log was attached is in it.
+fn ring_messages_under_load(direct: bool) {
+    let Some(a) = Async::start(direct, 1) else {
+        return;
+    };
+    let mut vm = Vm::with(
+        a.connect(),
+        &[RegionSpec::new(0, RAM_SIZE)],
+        1,
+        128,
+        !VHOST_F_LOG_ALL,
+    );
+    let mut log = vm.start_logging(RAM_SIZE);
+    const DEPTH: usize = 32;
+    let slot_buf = |s: usize| DATA_BASE + s as u64 * 0x8000;
+    let mut rng = 0x1234_5678u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let sectors = IMAGE_SIZE / 512;
+    let mut pending: Vec<Option<(u64, u32)>> = vec![None; DEPTH];
+    let mut completed = 0usize;
+    let mut snap = None;
+    let rounds = 3000;
+    for round in 0..rounds {
+        // Refill.
+        for (s, p) in pending.iter_mut().enumerate() {
+            if p.is_none() {
+                let len = 4096 * (1 + (next() % 8) as u32);
+                let sector = (next() % (sectors - u64::from(len) / 512)) & !7;
+                vm.queues[0]
+                    .submit(
+                        BlkOp::Read {
+                            sector,
+                            data: &[(slot_buf(s), len)],
+                        },
+                        s as u64,
+                    )
+                    .unwrap();
+                *p = Some((sector, len));
+            }
+        }
+        vm.queues[0].kick().unwrap();
+        // Ring messages while completions arrive.
+        let l = vm.queues[0].queue().layout();
+        let ram = vm.ram.clone();
+        vm.conn.set_vring_addr_at(0, &ram, l).unwrap();
+        let last_log = round >= rounds - 200;
+        match round % 50 {
+            10 if !last_log => vm.conn.set_log_all(false).unwrap(),
+            11 if !last_log => vm.conn.set_log_all(true).unwrap(),
+            20 if !last_log => {
+                log = SharedLog::new(RAM_SIZE).unwrap();
+                vm.conn.set_log_base(log.dirty_log_region()).unwrap();
+            }
+            30 => {
+                vm.conn.set_vring_enable(0, false).unwrap();
+                vm.conn.set_vring_enable(0, true).unwrap();
+            }
+            _ => {}
+        }
+        if round == rounds - 200 {
+            // The last log: from here on every change must be marked in it.
+            log = SharedLog::new(RAM_SIZE).unwrap();
+            vm.conn.set_log_base(log.dirty_log_region()).unwrap();
+            snap = Some(vm.ram.snapshot());
+        }
+        // Harvest.
+        while let Some(c) = vm.queues[0].try_complete().unwrap() {
+            let s = c.token as usize;
+            let (sector, len) = pending[s].take().unwrap();
+            assert!(c.is_ok(), "{c:?}");
+            assert_eq!(
+                vm.ram.read_vec(slot_buf(s), len as usize).unwrap(),
+                image_bytes(sector * 512, len as usize),
+                "read of sector {sector} ({len} bytes)"
+            );
+            completed += 1;
+        }
+    }
+    for c in vm.queues[0].wait_all(T).unwrap() {
+        let s = c.token as usize;
+        let (sector, len) = pending[s].take().unwrap();
+        assert!(c.is_ok());
+        assert_eq!(
+            vm.ram.read_vec(slot_buf(s), len as usize).unwrap(),
+            image_bytes(sector * 512, len as usize)
+        );
+        completed += 1;
+    }
+    assert!(completed >= 1000, "only {completed} requests completed");
+    let dirty: BTreeSet<u64> = dirty_pages(&log).into_iter().collect();
+    let avail = vm.queues[0].queue().layout().avail >> 12;
+    for p in vm.ram.changed_pages(&snap.unwrap()) {
+        assert!(
+            p == avail || dirty.contains(&p),
+            "page {p:#x} changed but not marked"
+        );
+    }
+    assert_eq!(a.device.in_flight(0), 0);
+    eprintln!("{completed} requests completed under the message storm");
+}
+
+#[test]
+fn ring_messages_while_completions_are_pending() {
+    ring_messages_under_load(false);
+}
+
+#[test]
+fn ring_messages_while_completions_are_pending_direct() {
+    ring_messages_under_load(true);
+}
+
+/// `--aio sync` serves synchronously, `--aio io_uring` with io_uring, a bad value is refused.
+#[test]
+fn aio_option() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--aio",
+            "bogus",
+            "--socket-path",
+            "/nonexistent/x.sock",
+            "x.img",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("io_uring"), "{err}");
+    for mode in ["sync", "io_uring"] {
+        let d = Daemon::spawn(IMAGE_SIZE, &["--aio", mode]);
+        let mut vm = Vm::new(d.connect(), 1);
+        let c = vm.queues[0]
+            .run(
+                BlkOp::Read {
+                    sector: 8,
+                    data: &[(DATA_BASE, 4096)],
+                },
+                T,
+            )
+            .unwrap();
+        assert!(c.is_ok());
+        assert_eq!(
+            vm.ram.read_vec(DATA_BASE, 4096).unwrap(),
+            image_bytes(8 * 512, 4096)
+        );
+    }
+    // A device built with AioMode::Sync, or not attached, is synchronous.
+    let env = Env::new(IMAGE_SIZE);
+    let disk = Arc::new(Disk::open(&env.image, false, false).unwrap());
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let sync = BlkDevice::new(
+        disk.clone(),
+        BlkConfig {
+            aio: AioMode::Sync,
+            ..BlkConfig::default()
+        },
+        DirtyLog::new(),
+        mem.clone(),
+    )
+    .unwrap();
+    assert!(!sync.is_async(0));
+    let unattached = BlkDevice::new(disk, BlkConfig::default(), DirtyLog::new(), mem).unwrap();
+    assert!(!unattached.is_async(0));
+}
