@@ -14,8 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blk_support::*;
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::Listener;
-use vhost_dirtylog::backend::{DirtyLogBackend, VHOST_F_LOG_ALL};
+use vhost_dirtylog::backend::DirtyLogBackend;
 use vhost_dirtylog::blk::disk::Disk;
 use vhost_dirtylog::blk::{AioMode, BlkConfig, BlkDevice};
 use vhost_dirtylog::driver::blk::BlkOp;
@@ -24,6 +25,33 @@ use vhost_dirtylog::log::DirtyLog;
 use vhost_dirtylog::vmm::SharedLog;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// A scratch directory with a disk image and a socket path.
+struct Env {
+    _dir: tempfile::TempDir,
+    image: std::path::PathBuf,
+    sock: std::path::PathBuf,
+}
+
+impl Env {
+    /// A pattern image of `size` bytes in the system's temporary directory.
+    fn new(size: u64) -> Env {
+        use std::io::Write;
+        let dir = tempfile::Builder::new()
+            .prefix("blk-async")
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join("disk.img");
+        let mut f = std::fs::File::create(&image).unwrap();
+        f.write_all(&image_bytes(0, size as usize)).unwrap();
+        let sock = dir.path().join("blk.sock");
+        Env {
+            _dir: dir,
+            image,
+            sock,
+        }
+    }
+}
 
 /// An image under the target directory (a real file system: `O_DIRECT` works there, unlike on
 /// tmpfs), filled with `image_byte`.
@@ -38,7 +66,11 @@ fn target_env(size: u64) -> Env {
     f.write_all(&image_bytes(0, size as usize)).unwrap();
     f.sync_all().unwrap();
     let sock = dir.path().join("blk.sock");
-    Env { dir, image, sock }
+    Env {
+        _dir: dir,
+        image,
+        sock,
+    }
 }
 
 /// The device in this process with the io_uring dataplane attached.
@@ -229,7 +261,7 @@ fn quiesce_with_requests_in_the_disk(
         got.insert(c.token);
     }
     assert_eq!(got, (0..=N as u64).collect::<BTreeSet<_>>());
-    let dirty: BTreeSet<u64> = dirty_pages(&log).into_iter().collect();
+    let dirty: BTreeSet<u64> = set_pages(&log).collect();
     for i in 0..N {
         assert_eq!(
             vm.ram.read_vec(buf(i), 4096).unwrap(),
@@ -323,7 +355,7 @@ fn ring_messages_under_load(direct: bool) {
         &[RegionSpec::new(0, RAM_SIZE)],
         1,
         128,
-        !VHOST_F_LOG_ALL,
+        !VhostUserVirtioFeatures::LOG_ALL.bits(),
     );
     let mut log = vm.start_logging(RAM_SIZE);
     const DEPTH: usize = 32;
@@ -407,7 +439,7 @@ fn ring_messages_under_load(direct: bool) {
         completed += 1;
     }
     assert!(completed >= 1000, "only {completed} requests completed");
-    let dirty: BTreeSet<u64> = dirty_pages(&log).into_iter().collect();
+    let dirty: BTreeSet<u64> = set_pages(&log).collect();
     let avail = vm.queues[0].queue().layout().avail >> 12;
     for p in vm.ram.changed_pages(&snap.unwrap()) {
         assert!(
@@ -446,7 +478,7 @@ fn aio_option() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("io_uring"), "{err}");
     for mode in ["sync", "io_uring"] {
-        let d = Daemon::spawn(IMAGE_SIZE, &["--aio", mode]);
+        let d = spawn(IMAGE_SIZE, &["--aio", mode]);
         let mut vm = Vm::new(d.connect(), 1);
         let c = vm.queues[0]
             .run(

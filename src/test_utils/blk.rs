@@ -86,7 +86,10 @@ impl InProcessBlk {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = BlkDevice::into_backend(disk, config, mem.clone()).expect("the device");
         let device = backend.inner().clone();
-        let daemon = InProcessDaemon::serve(backend, mem, &env.sock);
+        // As the daemon does: the io_uring dataplane when the device's config asks for it.
+        let daemon = InProcessDaemon::serve_with(backend, mem, &env.sock, |d| {
+            device.attach(d).expect("attach the io_uring dataplane")
+        });
         InProcessBlk {
             env,
             device,

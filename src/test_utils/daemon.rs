@@ -171,9 +171,25 @@ where
         T: VhostUserBackend<Bitmap = B> + Clone + 'static,
         T::Vring: Clone + Send + Sync,
     {
+        Self::serve_with(backend, mem, sock, |_| {})
+    }
+
+    /// [`serve`](Self::serve), calling `setup` with the daemon before it starts listening
+    /// (e.g. to register a device's own event fds with the daemon's epoll handlers).
+    pub fn serve_with<T>(
+        backend: T,
+        mem: GuestMemoryAtomic<GuestMemoryMmap<B>>,
+        sock: &Path,
+        setup: impl FnOnce(&VhostUserDaemon<T>),
+    ) -> Self
+    where
+        T: VhostUserBackend<Bitmap = B> + Clone + 'static,
+        T::Vring: Clone + Send + Sync,
+    {
         let mut listener = Listener::new(sock, true).expect("listen on the socket");
         let mut daemon = VhostUserDaemon::new("vhost-test".into(), backend, mem.clone())
             .expect("create the daemon");
+        setup(&daemon);
         let thread = std::thread::Builder::new()
             .name("vhost-test-daemon".into())
             .spawn(move || {
