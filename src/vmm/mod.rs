@@ -13,6 +13,9 @@
 //! - [`MigrationBitmap`]: one bit per 4 KiB guest page, stored in fixed-size blocks behind an
 //!   append-only, atomically swapped block table, so memory hotplug grows it without copying a
 //!   block and without a lock on any reader.
+//! - [`LogFlip`]: flip sync, cloud-hypervisor's way: two logs handed to the backend in turn
+//!   with `SET_LOG_BASE`; the retired one is merged with plain loads and cleared with plain
+//!   stores (no atomic swap per word).
 //! - The merges: [`MigrationBitmap::sync_from_log`] (consume the log: one atomic swap per
 //!   non-zero word, as QEMU's `vhost_dev_sync_region` does),
 //!   [`MigrationBitmap::fetch_log`] + [`FetchedLog::clear_pages`] (copy now, clear later in
@@ -81,12 +84,14 @@
 //! growing the bitmap before the hand-over (step 2) is what makes them mergeable.
 
 mod bitmap;
+mod flip;
 mod shared_log;
 
 pub use bitmap::{
     DirtyPages, FetchedLog, LeWords, MigrationBitmap, BLOCK_PAGES, DEFAULT_CLEAR_CHUNK_PAGES,
     MAX_PAGES,
 };
+pub use flip::{FlipState, FlipStats, LogFlip};
 pub use shared_log::{SharedLog, MAX_GPA_END};
 
 use crate::log::LogError;
@@ -145,4 +150,22 @@ pub enum VmmError {
     /// A [`FetchedLog`] was used to clear a log it was not fetched from.
     #[error("the fetched bits were taken from a different log than the one being cleared")]
     FetchMismatch,
+    /// A [`LogFlip`] step was called in the wrong state (e.g. `commit` without `begin`).
+    #[error("log flip: `{op}` is not allowed while the flip is {state}")]
+    FlipOrder {
+        /// The step that was called.
+        op: &'static str,
+        /// The state the flip was in.
+        state: &'static str,
+    },
+    /// A retired log has marks past the end of the migration bitmap; nothing was merged.
+    #[error(
+        "retired log has a mark at page {page}, past the migration bitmap's {bitmap_pages} pages: grow the bitmap first"
+    )]
+    LogPastBitmap {
+        /// The first such page.
+        page: u64,
+        /// The bitmap's size in pages.
+        bitmap_pages: u64,
+    },
 }
