@@ -240,19 +240,22 @@ impl LogFlip {
     /// One whole round: [`begin`](Self::begin), `send(region)` (send `SET_LOG_BASE` to every
     /// backend and wait for the replies), [`commit`](Self::commit) and
     /// [`merge_retired`](Self::merge_retired). If `send` fails the flip is
-    /// [aborted](Self::abort) and its error returned.
+    /// [aborted](Self::abort) and its error returned as [`VmmError::SetLogBase`].
     ///
-    /// Errors: `send`'s, and those of the steps (converted with `From<VmmError>`).
-    pub fn flip<E: From<VmmError>>(
+    /// Errors: `send`'s, and those of the steps.
+    pub fn flip<E>(
         &mut self,
         bitmap: &MigrationBitmap,
         send: impl FnOnce(VhostUserDirtyLogRegion) -> Result<(), E>,
-    ) -> Result<FlipStats, E> {
+    ) -> Result<FlipStats, VmmError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let region = self.begin()?;
         let t0 = Instant::now();
         if let Err(e) = send(region) {
             self.abort()?;
-            return Err(e);
+            return Err(VmmError::SetLogBase(e.into()));
         }
         let send = t0.elapsed();
         self.commit()?;

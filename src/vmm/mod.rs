@@ -158,6 +158,9 @@ pub enum VmmError {
         /// The state the flip was in.
         state: &'static str,
     },
+    /// The caller's `SET_LOG_BASE` in [`LogFlip::flip`] failed; the flip was aborted.
+    #[error("SET_LOG_BASE for the log flip failed: {0}")]
+    SetLogBase(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A retired log has marks past the end of the migration bitmap; nothing was merged.
     #[error(
         "retired log has a mark at page {page}, past the migration bitmap's {bitmap_pages} pages: grow the bitmap first"
