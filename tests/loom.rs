@@ -187,6 +187,61 @@ fn detach_vs_mark() {
     });
 }
 
+/// The VMM half of a flip (`vmm::LogFlip`), by hand: hand the backend `next` (what the
+/// backend does on `SET_LOG_BASE`: `replace_region`, whose return is the reply), unless
+/// `send` is false (the planted bug), then read the retired log's word with a plain load and
+/// clear it with a plain store. Returns the bits read.
+fn flip_and_take(
+    log: &DirtyLog,
+    next: &std::sync::Arc<LogRegion>,
+    retired: &LogRegion,
+    send: bool,
+) -> u64 {
+    if send {
+        log.replace_region(Some(next.clone()));
+    }
+    let w = &retired.raw_words()[0];
+    let v = w.load(Ordering::Relaxed);
+    w.store(0, Ordering::Relaxed);
+    v
+}
+
+/// (f) Flip sync: two flips race a marker making two marks — A is retired (read and cleared
+/// with plain accesses), then B is retired and A, cleared, is handed back. Every mark is in
+/// what the VMM read or in one of the logs: the grace period keeps late marks out of a
+/// retired log, and the plain clear of A happens before A is published again.
+#[test]
+fn flip_with_plain_clear_loses_no_mark() {
+    loom::model(|| flips_lose_nothing(true));
+}
+
+/// Negative control for (f): the VMM "flips" without sending `SET_LOG_BASE`, so it clears
+/// logs that are still attached, and loom finds the interleaving that loses a mark.
+#[test]
+#[should_panic(expected = "neither read by the VMM nor in a log")]
+fn flip_without_set_log_base_is_caught() {
+    loom::model(|| flips_lose_nothing(false));
+}
+
+fn flips_lose_nothing(send: bool) {
+    let (log, a) = logging_handle(1);
+    let b = std::sync::Arc::new(LogRegion::anonymous(8).unwrap());
+    let l1 = log.clone();
+    let marker = thread::spawn(move || {
+        l1.mark(3 * PAGE, 1);
+        l1.mark(5 * PAGE, 1);
+    });
+    let mut read = flip_and_take(&log, &b, &a, send);
+    read |= flip_and_take(&log, &a, &b, send);
+    marker.join().unwrap();
+    for p in [3u64, 5] {
+        assert!(
+            read & (1 << p) != 0 || a.test_page(p) || b.test_page(p),
+            "page {p} was marked but is neither read by the VMM nor in a log"
+        );
+    }
+}
+
 /// (c) The vm-memory bitmap's binding window: a device write to a region whose bitmap is not
 /// bound yet races the adapter binding it (vhost-user-backend publishes new memory before it
 /// calls `update_memory`). Either the writer sees the binding and marks the page, or the binder

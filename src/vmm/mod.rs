@@ -13,6 +13,9 @@
 //! - [`MigrationBitmap`]: one bit per 4 KiB guest page (page `gpa >> LOG_PAGE_SHIFT`), stored in
 //!   fixed-size blocks behind an append-only, atomically swapped block table, so memory hotplug
 //!   grows it without copying a block and without a lock on any reader.
+//! - [`LogFlip`]: flip sync, cloud-hypervisor's way: two logs handed to the backend in turn
+//!   with `SET_LOG_BASE`; the retired one is merged with plain loads and cleared with plain
+//!   stores (no atomic swap per word).
 //! - The merges: [`MigrationBitmap::sync_from_log`] (consume the log: one atomic swap per
 //!   non-zero word, as QEMU's `vhost_dev_sync_region` does),
 //!   [`MigrationBitmap::fetch_log`] + [`FetchedLog::clear_pages`] (copy now, clear later in
@@ -84,6 +87,7 @@
 mod bitmap; // the `MigrationBitmap` type, growth, set / take ranges
 mod blocks; // block storage, the block table, the writer lock
 mod fetch; // deferred mode: fetch now, clear chunk by chunk later
+mod flip; // flip sync: two logs handed out in turn, the retired one read plainly
 mod iter; // readers: test, count, next dirty page, iterate, snapshot
 mod merge; // the shared merge loop and `LeWords` sources
 mod shared_log; // the memfd log the VMM hands to the backend
@@ -92,6 +96,7 @@ mod sync; // consuming a log: one atomic swap per dirty word
 pub use bitmap::MigrationBitmap;
 pub use blocks::{BLOCK_PAGES, MAX_PAGES};
 pub use fetch::{FetchedLog, DEFAULT_CLEAR_CHUNK_PAGES};
+pub use flip::{FlipState, FlipStats, LogFlip};
 pub use iter::DirtyPages;
 pub use merge::LeWords;
 pub use shared_log::{SharedLog, MAX_GPA_END};
@@ -152,4 +157,25 @@ pub enum VmmError {
     /// A [`FetchedLog`] was used to clear a log it was not fetched from.
     #[error("the fetched bits were taken from a different log than the one being cleared")]
     FetchMismatch,
+    /// A [`LogFlip`] step was called in the wrong state (e.g. `commit` without `begin`).
+    #[error("log flip: `{op}` is not allowed while the flip is {state}")]
+    FlipOrder {
+        /// The step that was called.
+        op: &'static str,
+        /// The state the flip was in.
+        state: &'static str,
+    },
+    /// The caller's `SET_LOG_BASE` in [`LogFlip::flip`] failed; the flip was aborted.
+    #[error("SET_LOG_BASE for the log flip failed: {0}")]
+    SetLogBase(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A retired log has marks past the end of the migration bitmap; nothing was merged.
+    #[error(
+        "retired log has a mark at page {page}, past the migration bitmap's {bitmap_pages} pages: grow the bitmap first"
+    )]
+    LogPastBitmap {
+        /// The first such page.
+        page: u64,
+        /// The bitmap's size in pages.
+        bitmap_pages: u64,
+    },
 }

@@ -140,4 +140,50 @@ impl MigrationBitmap {
     pub fn drain_log(&self, retired: &SharedLog) -> u64 {
         self.sync_from_log(retired, 0)
     }
+
+    /// Flip sync (`super::flip`): merges a *retired* log (one no backend can write any more:
+    /// replaced by a replied `SET_LOG_BASE`) with plain loads, and clears exactly the bits it
+    /// merged with plain stores, so the log can be handed out again. Same loop as
+    /// [`sync_from_log`](Self::sync_from_log), the swap replaced by a load and a store; bits
+    /// that map past the end of the bitmap are neither merged nor cleared. Returns the number
+    /// of newly dirty pages.
+    ///
+    /// Crate-private (DESIGN.md invariant 3): only `LogFlip` knows that the log is retired.
+    pub(crate) fn merge_retired(&self, log: &LogRegion, base_page: u64) -> u64 {
+        let t = self.table.load();
+        let words = log.words();
+        let src_bits = words.len() as u64 * 64;
+        let mut w = Writer::new(&t, &self.writer);
+        let mut newly = merge_core(
+            &mut w,
+            src_bits,
+            base_page,
+            u64::MAX,
+            |i, n| nonzero_mask(&words[i..i + n]),
+            |i, mask| {
+                let old = words[i].load(Ordering::Relaxed);
+                let v = old & mask;
+                if v != 0 {
+                    words[i].store(old & !mask, Ordering::Relaxed);
+                }
+                v
+            },
+        );
+        let tail = log.tail();
+        if !tail.is_empty() {
+            newly += merge_tail(
+                &mut w,
+                tail,
+                base_page.checked_add(src_bits),
+                |_, b, mask| {
+                    let old = b.load(Ordering::Relaxed);
+                    if old & mask != 0 {
+                        b.store(old & !mask, Ordering::Relaxed);
+                    }
+                    old & mask
+                },
+            );
+        }
+        newly
+    }
 }
