@@ -134,6 +134,12 @@ pub struct QueueStats {
     pub direct_bounce: u64,
     /// Times the ring was stopped (`GET_VRING_BASE`).
     pub stops: u64,
+    /// Data bytes of completed reads and writes (and `GET_ID`), in either direction.
+    pub bytes: u64,
+    /// Guest pages (4 KiB) this queue wrote with dirty logging on: data of reads and `GET_ID`
+    /// plus the status byte's page, counted per request (a page written by two requests counts
+    /// twice). Used-ring entries are marked by the adapter and not counted here.
+    pub pages_marked: u64,
 }
 
 struct Inner {
@@ -147,6 +153,9 @@ struct Inner {
     acked_features: AtomicU64,
     /// One quiesce lock per queue; the worker holds it while it processes the ring.
     queues: Vec<Mutex<QueueStats>>,
+    /// Per queue: requests taken from the avail ring and not yet put in the used ring (read
+    /// without the queue lock, so statistics never wait for a batch).
+    in_flight: Vec<AtomicU64>,
     /// Exit-event fds handed to vhost-user-backend, which takes them with `into_raw_fd()` and
     /// never closes them (0.24); [`BlkDevice::reclaim_exit_fds`] closes them after the daemon
     /// is gone, so a long-running daemon does not leak one fd per worker per connection.
@@ -183,6 +192,7 @@ impl BlkDevice {
         let queues = (0..config.num_queues)
             .map(|_| Mutex::new(QueueStats::default()))
             .collect();
+        let in_flight = (0..config.num_queues).map(|_| AtomicU64::new(0)).collect();
         Ok(BlkDevice {
             inner: Arc::new(Inner {
                 disk,
@@ -194,6 +204,7 @@ impl BlkDevice {
                 writeback: AtomicBool::new(true),
                 acked_features: AtomicU64::new(0),
                 queues,
+                in_flight,
                 exit_fds: Mutex::new(Vec::new()),
             }),
         })
@@ -262,6 +273,19 @@ impl BlkDevice {
             .map(|q| *q.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Requests of queue `index` taken from the avail ring and not yet completed (lock-free).
+    pub fn queue_in_flight(&self, index: usize) -> Option<u64> {
+        self.inner
+            .in_flight
+            .get(index)
+            .map(|n| n.load(Ordering::Relaxed))
+    }
+
+    /// The log handle the device marks through.
+    pub fn dirty_log(&self) -> &DirtyLog {
+        &self.inner.log
+    }
+
     /// The disk being served.
     pub fn disk(&self) -> &Arc<Disk> {
         &self.inner.disk
@@ -323,7 +347,10 @@ impl BlkDevice {
                 continue;
             }
             let head = chain.head_index();
+            let in_flight = &self.inner.in_flight[qidx];
+            in_flight.fetch_add(1, Ordering::Relaxed);
             let used_len = self.process_chain(chain, mem, &limits, &ctx, stats, qidx);
+            in_flight.fetch_sub(1, Ordering::Relaxed);
             if let Err(e) = state.add_used(head, used_len) {
                 // Only a corrupt ring address gets here; nothing more can be done for the ring.
                 log::error!("queue {qidx}: cannot add used entry for descriptor {head}: {e}");
@@ -384,6 +411,23 @@ impl BlkDevice {
                 (VIRTIO_BLK_S_IOERR as u8, 0)
             }
         };
+        if status == VIRTIO_BLK_S_OK as u8 {
+            stats.bytes += req.data_len;
+        }
+        if self.inner.log.is_logging() {
+            // Pages of guest memory written: the data of reads / GET_ID, and the status byte.
+            if matches!(
+                req.kind,
+                request::RequestKind::Read | request::RequestKind::GetId
+            ) {
+                stats.pages_marked += req
+                    .data
+                    .iter()
+                    .map(|s| page_span(s.addr.0, u64::from(s.len)))
+                    .sum::<u64>();
+            }
+            stats.pages_marked += 1;
+        }
         // The status byte goes through vm-memory, so it is marked like the data.
         if let Err(e) = mem.write_obj(status, req.status) {
             log::warn!("queue {qidx}: cannot write status byte: {e}");
@@ -587,6 +631,12 @@ impl VhostUserBackend for BlkDevice {
         }
         Ok(())
     }
+}
+
+/// Number of 4 KiB pages `[addr, addr + len)` touches (`len > 0`).
+fn page_span(addr: u64, len: u64) -> u64 {
+    let last = addr.saturating_add(len.saturating_sub(1));
+    (last >> 12) - (addr >> 12) + 1
 }
 
 /// Parses a serial given on the command line: at most 20 bytes.
