@@ -185,6 +185,13 @@ fn run(args: Args) -> Result<(), String> {
         Some(s) => parse_serial(s).map_err(|e| e.to_string())?,
         None => default_serial(&image),
     };
+    if args.fd.is_some() && (args.socket_group.is_some() || args.socket_mode.is_some()) {
+        return Err(
+            "--socket-group and --socket-mode apply to --socket-path; with --fd the \
+                    socket's creator sets them (systemd: SocketGroup=, SocketMode=)"
+                .into(),
+        );
+    }
     let access = SocketAccess {
         gid: args
             .socket_group
@@ -302,8 +309,8 @@ fn run(args: Args) -> Result<(), String> {
             SeccompAction::Kill => SeccompMode::Kill,
             SeccompAction::Log => SeccompMode::Log,
         };
-        let filter = sandbox::seccomp_filter(mode).map_err(|e| e.to_string())?;
-        sandbox::apply_seccomp(&filter).map_err(|e| e.to_string())?;
+        let filters = sandbox::seccomp_filters(mode).map_err(|e| e.to_string())?;
+        sandbox::apply_seccomp(&filters).map_err(|e| e.to_string())?;
         log::info!(
             "seccomp: allow-list on ({} calls), others {}",
             sandbox::ALLOWED_SYSCALLS.len(),

@@ -122,7 +122,7 @@ impl BlkServer {
             Ok((old, new)) if old != new => log::info!(
                 "disk size changed from {old} to {new} sectors; offering {new} to this frontend"
             ),
-            Ok(_) => {}
+            Ok((_, new)) => log::debug!("a frontend is waiting; the disk has {new} sectors"),
             Err(e) => log::warn!("cannot re-read the disk size, keeping the old one: {e}"),
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

@@ -8,7 +8,10 @@
 //! [`ALLOWED_SYSCALLS`]). Anything else kills the process (`SECCOMP_RET_KILL_PROCESS`; the
 //! kernel's audit log names the call), or with [`SeccompMode::Log`] is allowed and logged, for
 //! finding a missing entry. `ioctl` is limited to the block-device size queries and `prctl` to
-//! naming threads.
+//! naming threads. Opening files fails with `EACCES` instead of killing ([`REFUSED_SYSCALLS`]):
+//! the daemon opens nothing once serving, but glibc's malloc reads
+//! `/sys/devices/system/cpu/online` when a thread first needs an arena (`get_nprocs`), and
+//! copes when it cannot.
 //!
 //! **Landlock** ([`landlock_restrict`], the `landlock` crate): file access is limited to the
 //! disk image (read, and write unless read-only) and the socket directory (create and remove
@@ -50,6 +53,10 @@ pub enum SeccompMode {
     /// Fail it with `EPERM` (tests).
     Errno,
 }
+
+/// System calls that fail with `EACCES` rather than kill (a second filter; the kernel applies
+/// the most restrictive verdict of all filters, so these must also be on the allow-list).
+pub const REFUSED_SYSCALLS: &[&str] = &["open", "openat", "openat2"];
 
 /// System calls a serving daemon makes (x86_64 and aarch64 names; calls a platform lacks are
 /// skipped).
@@ -123,6 +130,10 @@ pub const ALLOWED_SYSCALLS: &[&str] = &[
     // removing the socket at exit
     "unlink",
     "unlinkat",
+    // refused with EACCES by the second filter (REFUSED_SYSCALLS)
+    "open",
+    "openat",
+    "openat2",
 ];
 
 fn syscall_number(name: &str) -> Option<i64> {
@@ -136,7 +147,7 @@ fn syscall_number(name: &str) -> Option<i64> {
         };
     }
     #[cfg(target_arch = "x86_64")]
-    let arch_only = table!(SYS_poll, SYS_readlink, SYS_unlink, SYS_epoll_wait);
+    let arch_only = table!(SYS_poll, SYS_readlink, SYS_unlink, SYS_epoll_wait, SYS_open);
     #[cfg(not(target_arch = "x86_64"))]
     let arch_only: Option<i64> = None;
     arch_only.or_else(|| {
@@ -199,6 +210,8 @@ fn syscall_number(name: &str) -> Option<i64> {
             SYS_exit_group,
             SYS_readlinkat,
             SYS_unlinkat,
+            SYS_openat,
+            SYS_openat2,
         )
     })
 }
@@ -218,6 +231,27 @@ const ALLOWED_IOCTLS: &[u64] = &[
     0x127b,      // BLKPBSZGET
     0x5421,      // FIONBIO
 ];
+
+/// Builds the two filters: the allow-list ([`ALLOWED_SYSCALLS`]) and the one failing
+/// [`REFUSED_SYSCALLS`] with `EACCES`. Install both ([`apply_seccomp`]).
+pub fn seccomp_filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
+    let err = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
+    let refused: BTreeMap<i64, Vec<SeccompRule>> = REFUSED_SYSCALLS
+        .iter()
+        .filter_map(|n| syscall_number(n))
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    let refuse = SeccompFilter::new(
+        refused,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        ARCH,
+    )
+    .map_err(err)?;
+    let refuse: BpfProgram = refuse.try_into().map_err(err)?;
+    // The refusing filter first: once the allow-list is in, seccomp(2) itself is not allowed.
+    Ok(vec![refuse, seccomp_filter(mode)?])
+}
 
 /// Builds the allow-list filter.
 pub fn seccomp_filter(mode: SeccompMode) -> Result<BpfProgram, SandboxError> {
@@ -253,10 +287,14 @@ pub fn seccomp_filter(mode: SeccompMode) -> Result<BpfProgram, SandboxError> {
         .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
 }
 
-/// Installs `filter` on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`); threads
-/// created later inherit it. Sets `PR_SET_NO_NEW_PRIVS`.
-pub fn apply_seccomp(filter: &BpfProgram) -> Result<(), SandboxError> {
-    seccompiler::apply_filter_all_threads(filter).map_err(|e| SandboxError::Seccomp(e.to_string()))
+/// Installs `filters` on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`); threads
+/// created later inherit them. Sets `PR_SET_NO_NEW_PRIVS`.
+pub fn apply_seccomp(filters: &[BpfProgram]) -> Result<(), SandboxError> {
+    for f in filters {
+        seccompiler::apply_filter_all_threads(f)
+            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The paths a daemon may touch after the sandbox is on.
@@ -384,6 +422,28 @@ mod tests {
         let out = run_child(
             "daemon::sandbox::tests::seccomp_kills_an_unlisted_syscall",
             "listed",
+        );
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+
+    #[test]
+    fn seccomp_refuses_open_with_eacces() {
+        if child_mode().is_some() {
+            for f in seccomp_filters(SeccompMode::Kill).unwrap() {
+                seccompiler::apply_filter(&f).unwrap();
+            }
+            let path = c"/sys/devices/system/cpu/online";
+            // SAFETY: a NUL-terminated path; the result is only compared.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            let e = std::io::Error::last_os_error().raw_os_error();
+            let ok = fd == -1 && e == Some(libc::EACCES);
+            // SAFETY: exit_group with an integer status.
+            unsafe { libc::syscall(libc::SYS_exit_group, if ok { 0 } else { 3 }) };
+            unreachable!();
+        }
+        let out = run_child(
+            "daemon::sandbox::tests::seccomp_refuses_open_with_eacces",
+            "open",
         );
         assert_eq!(out.status.code(), Some(0), "{out:?}");
     }
