@@ -180,7 +180,7 @@ fn print_capabilities_ignores_every_other_option() {
 }
 
 #[test]
-fn default_queue_count_is_the_cpu_count_capped() {
+fn default_queue_count_is_the_cpu_count_within_16_to_64() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "d.img", 1 << 20);
     let sock = dir.path().join("d.sock");

@@ -19,7 +19,7 @@ use vhost_dirtylog::blk::{parse_serial, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
 use vhost_dirtylog::daemon::lock::{lock_file, LockError, LockKind};
 use vhost_dirtylog::daemon::sandbox::{self, LandlockOutcome, LandlockPaths, SeccompMode};
 use vhost_dirtylog::daemon::socket::{self, SocketAccess};
-use vhost_dirtylog::daemon::{default_num_queues, DEFAULT_MAX_QUEUES};
+use vhost_dirtylog::daemon::{default_num_queues, DEFAULT_MIN_QUEUES};
 
 /// vhost-user-blk backend with dirty-page logging for live migration.
 ///
@@ -76,7 +76,7 @@ struct Args {
     #[arg(long)]
     no_lock: bool,
 
-    /// Number of request queues [default: the host's CPU count, at most 16].
+    /// Number of request queues [default: the host's CPU count, at least 16, at most 64].
     /// QEMU's vhost-user-blk-pci asks for one per vCPU unless its num-queues is set.
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..=MAX_QUEUES as i64))]
@@ -208,7 +208,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let num_queues = args
         .num_queues
-        .unwrap_or_else(|| default_num_queues(DEFAULT_MAX_QUEUES));
+        .unwrap_or_else(|| default_num_queues(DEFAULT_MIN_QUEUES, MAX_QUEUES));
     let opts = BlkOptions {
         image: image.clone(),
         read_only: args.read_only,

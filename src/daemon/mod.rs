@@ -17,23 +17,28 @@ pub mod lock;
 pub mod sandbox;
 pub mod socket;
 
-/// Most queues offered by default (see [`default_num_queues`]).
-pub const DEFAULT_MAX_QUEUES: u16 = 16;
+/// Fewest queues offered by default (see [`default_num_queues`]).
+pub const DEFAULT_MIN_QUEUES: u16 = 16;
 
 /// The number of queues offered when `--num-queues` is not given: the host's CPU count
 /// (`std::thread::available_parallelism`, which honours the CPU affinity mask and cgroup quota),
-/// capped at `cap`, at least 1.
+/// but at least `min` and at most `max`.
 ///
 /// QEMU's `vhost-user-blk-pci` asks for one queue per vCPU when its `num-queues` property is
 /// not set (`VHOST_USER_BLK_AUTO_NUM_QUEUES`, resolved by `virtio_pci_optimal_num_queues()` in
-/// hw/virtio/virtio-pci.c: the vCPU count, at most 1024 minus config vectors) and refuses to
-/// start when the backend offers fewer (`vhost_user_blk_realize`: "The maximum number of queues
-/// supported by the backend is N"). A guest rarely has more vCPUs than the host has CPUs, so
-/// the CPU count covers QEMU's automatic count on an ordinary host; larger guests set
-/// `num-queues` on the QEMU side or `--num-queues` here.
-pub fn default_num_queues(cap: u16) -> u16 {
+/// hw/virtio/virtio-pci.c: the vCPU count) and refuses to start when the backend offers fewer
+/// (`vhost_user_blk_realize`: "The maximum number of queues supported by the backend is N").
+/// Guests often have more vCPUs than a small host has CPUs (4 vCPUs on a 2-CPU CI machine), so
+/// the floor `min` (16 in the daemons) covers ordinary guests on any host and the CPU count
+/// covers large guests on large hosts. Queues the guest never uses cost no I/O; what each
+/// offered queue costs while a frontend is connected is described in the README ("Deploying").
+pub fn default_num_queues(min: u16, max: u16) -> u16 {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    u16::try_from(cpus).unwrap_or(u16::MAX).clamp(1, cap.max(1))
+    let max = max.max(1);
+    u16::try_from(cpus)
+        .unwrap_or(u16::MAX)
+        .max(min)
+        .clamp(1, max)
 }
 
 #[cfg(test)]
@@ -41,10 +46,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_queues_follow_cpus_and_cap() {
+    fn default_queues_follow_cpus_within_bounds() {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(usize::from(default_num_queues(1024)), cpus.min(1024));
-        assert_eq!(default_num_queues(1), 1);
-        assert_eq!(default_num_queues(0), 1);
+        assert_eq!(usize::from(default_num_queues(1, 1024)), cpus.min(1024));
+        assert_eq!(usize::from(default_num_queues(16, 64)), cpus.clamp(16, 64));
+        assert_eq!(default_num_queues(1, 1), 1);
+        assert_eq!(default_num_queues(0, 0), 1);
     }
 }
