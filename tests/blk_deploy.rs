@@ -244,14 +244,10 @@ fn socket_group_and_mode_are_applied() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "g.img", 1 << 20);
     let sock = dir.path().join("g.sock");
-    // SAFETY: getgid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // As root any group works; otherwise use our own (a group we are a member of).
-    let gid = if root {
-        65534
-    } else {
-        unsafe { libc::getegid() }
-    };
+    let gid = if euid == 0 { 65534 } else { egid };
     let g = gid.to_string();
     let d = Daemon::start(
         &sock,

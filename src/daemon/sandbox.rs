@@ -150,7 +150,7 @@ fn syscall_number(name: &str) -> Option<i64> {
     let arch_only = table!(SYS_poll, SYS_readlink, SYS_unlink, SYS_epoll_wait, SYS_open);
     #[cfg(not(target_arch = "x86_64"))]
     let arch_only: Option<i64> = None;
-    arch_only.or_else(|| {
+    arch_only.or({
         table!(
             SYS_accept4,
             SYS_recvmsg,
