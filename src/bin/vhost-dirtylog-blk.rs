@@ -231,6 +231,13 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
 
+    // An inherited socket is checked first: a wrong --fd is the more basic error.
+    let inherited = match (&args.socket_path, args.fd) {
+        (None, Some(fd)) => Some(socket::inherit(fd).map_err(|e| e.to_string())?),
+        (Some(_), None) => None,
+        _ => return Err("exactly one of --socket-path PATH or --fd FD is required".into()),
+    };
+
     let server = Arc::new(BlkServer::new(&opts).map_err(|e| e.to_string())?);
     if args.no_lock {
         log::info!("--no-lock: {} is not locked", image.display());
@@ -263,7 +270,7 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
 
-    let (listener, owned) = match (args.socket_path, args.fd) {
+    let (listener, owned) = match (args.socket_path, inherited) {
         (Some(path), None) => {
             let s = socket::bind(&path, access).map_err(|e| e.to_string())?;
             log::info!(
@@ -273,12 +280,13 @@ fn run(args: Args) -> Result<(), String> {
             );
             (s.listener, Some((path, s.lock)))
         }
-        (None, Some(fd)) => {
-            let l = socket::inherit(fd).map_err(|e| e.to_string())?;
-            log::info!("listening on inherited fd {fd}");
+        (_, Some(l)) => {
+            log::info!("listening on an inherited socket (--fd)");
             (l, None)
         }
-        _ => return Err("exactly one of --socket-path PATH or --fd FD is required".into()),
+        (None, None) => {
+            return Err("exactly one of --socket-path PATH or --fd FD is required".into())
+        }
     };
     let owned_path = owned.as_ref().map(|(p, _)| p.clone());
 
