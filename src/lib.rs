@@ -43,6 +43,8 @@ pub mod backend;
 pub mod blk;
 #[cfg(feature = "check")]
 pub mod check;
+#[cfg(feature = "daemon")]
+pub mod daemon;
 #[cfg(feature = "driver")]
 pub mod driver;
 pub mod log;

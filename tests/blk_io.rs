@@ -62,7 +62,14 @@ fn blk_read_write_flush_roundtrip() {
 fn blk_get_id_and_config_space() {
     let d = spawn(
         IMAGE_SIZE,
-        &["--serial", "disk-serial-42", "--queue-size", "128"],
+        &[
+            "--serial",
+            "disk-serial-42",
+            "--queue-size",
+            "128",
+            "--num-queues",
+            "1",
+        ],
     );
     let mut vm = Vm::new(d.connect(), 1);
 

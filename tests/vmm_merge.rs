@@ -612,7 +612,7 @@ fn concurrent_sync(deferred: bool) {
             return;
         }
         bm.fetch_log_into(&shared, 0, fetched);
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             // Interleaved, as a send loop would: clear a chunk, (send it), next chunk.
             for first in (0..RING).step_by(1000) {
                 fetched.clear_pages(&shared, first, 1000).unwrap();

@@ -3,7 +3,8 @@
 #  1. our daemon, E2E_ROUNDS (default 5) ping-pong migrations under guest I/O: must PASS;
 #  2. negative control: a test build of our daemon that drops every mark: the guest must
 #     detect the loss (run-e2e.sh --negative exits 0 only then);
-#  3. the reference backend, qemu-storage-daemon, and its negative control.
+#  3. the reference backend, qemu-storage-daemon, and its negative control;
+#  before them, queues-default.sh: QEMU -smp 4 without num-queues on the default daemon.
 # Installs QEMU and the guest kernel first (Debian, as root). Without a usable /dev/kvm the
 # guest runs under TCG (slower; the check is the same, see README.md); E2E_ACCEL=kvm makes a
 # missing KVM skip the suite instead (exit 77 from run-e2e.sh).
@@ -24,6 +25,13 @@ cargo build --release --features test-drop-marks --bin vhost-dirtylog-blk
 mkdir -p target/e2e-bin
 cp target/release/vhost-dirtylog-blk target/e2e-bin/vhost-dirtylog-blk-drop-marks
 cargo build --release --bin vhost-dirtylog-blk
+
+step "QEMU defaults: -smp 4 without num-queues on the default daemon (and its negative control)"
+set +e
+bash contrib/qemu/queues-default.sh --accel "$accel"
+rc=$?
+set -e
+[[ $rc -eq 0 || $rc -eq 77 ]] || { echo "QEMU default-queues test FAILED (exit $rc)"; exit "$rc"; }
 
 set +e
 run --backend ours --rounds "$rounds" --out "$out/ours"

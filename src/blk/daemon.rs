@@ -7,6 +7,13 @@
 //! across connections, so a frontend that reconnects (QEMU after a restart, or the migration
 //! destination) sees the same data.
 //!
+//! Worker threads exist only while a frontend is connected: the server waits for the listener
+//! to become readable before it builds the device (and vhost-user-backend its one thread per
+//! queue), and re-reads the disk's size at that moment, so a disk grown while no frontend was
+//! connected is offered at its new size to the next one ([`Disk::refresh_capacity`]).
+//! While a frontend is served, further connections are accepted and closed with a log line
+//! ([`refusing_others`](crate::daemon::socket::refusing_others), with the `daemon` feature).
+//!
 //! ## The negative-control switch (`test-drop-marks`)
 //! Built with the cargo feature `test-drop-marks` *and* run with
 //! `VHOST_DIRTYLOG_TEST_DROP_MARKS=1`, the daemon suppresses its log handle
@@ -16,15 +23,16 @@
 //! uses it to prove it detects lost pages. Without the feature the variable is ignored and the
 //! code does not exist.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::disk::{Disk, DiskError};
-use super::{BlkConfig, BlkDevice, ConfigError};
+use super::{BlkConfig, BlkDevice, ConfigError, QueueStats};
 
 /// Everything the daemon needs to know.
 #[derive(Debug, Clone)]
@@ -58,6 +66,12 @@ pub enum ServeError {
 pub struct BlkServer {
     disk: Arc<Disk>,
     config: BlkConfig,
+    /// The device of the connected frontend, if any (for statistics).
+    current: Mutex<Option<BlkDevice>>,
+    /// Counters summed over finished connections, per queue.
+    totals: Mutex<Vec<QueueStats>>,
+    /// Frontends served so far (including the connected one).
+    connections: std::sync::atomic::AtomicU64,
     #[cfg_attr(not(feature = "test-drop-marks"), allow(dead_code))]
     drop_marks: bool,
 }
@@ -83,6 +97,12 @@ impl BlkServer {
         Ok(BlkServer {
             disk: Arc::new(disk),
             config: opts.config.clone(),
+            current: Mutex::new(None),
+            totals: Mutex::new(vec![
+                QueueStats::default();
+                usize::from(opts.config.num_queues)
+            ]),
+            connections: 0.into(),
             drop_marks: drop_marks_requested(),
         })
     }
@@ -97,6 +117,14 @@ impl BlkServer {
     /// A protocol error ends the connection (logged), not the server: `Ok` is returned either
     /// way; `Err` means the server itself cannot go on (threads, the listener).
     pub fn serve_one(&self, listener: &mut Listener) -> Result<(), ServeError> {
+        wait_readable(listener)?;
+        match self.disk.refresh_capacity() {
+            Ok((old, new)) if old != new => log::info!(
+                "disk size changed from {old} to {new} sectors; offering {new} to this frontend"
+            ),
+            Ok((_, new)) => log::debug!("a frontend is waiting; the disk has {new} sectors"),
+            Err(e) => log::warn!("cannot re-read the disk size, keeping the old one: {e}"),
+        }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = BlkDevice::into_backend(self.disk.clone(), self.config.clone(), mem.clone())?;
         let device = backend.inner().clone();
@@ -113,7 +141,11 @@ impl BlkServer {
             .start(listener)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         log::info!("frontend connected");
-        match daemon.wait() {
+        self.connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(device.clone());
+        let ended = wait_refusing_others(listener, || daemon.wait());
+        match ended {
             Ok(())
             | Err(DaemonError::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
@@ -123,10 +155,92 @@ impl BlkServer {
         // Dropping the daemon signals the worker threads and joins them.
         drop(daemon);
         device.reclaim_exit_fds();
+        {
+            let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, t) in totals.iter_mut().enumerate() {
+                if let Some(q) = device.queue_stats(i) {
+                    add_stats(t, &q);
+                }
+            }
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         if let Err(e) = self.disk.flush() {
             log::warn!("flush after disconnect failed: {e}");
         }
         Ok(())
+    }
+
+    /// A human-readable statistics report: per queue, the connected frontend's counters and the
+    /// totals over all connections; then the dirty log's out-of-range counters.
+    ///
+    /// Columns: `requests` completed, `errors`, `bytes` of data moved, `in-flight` requests (of
+    /// the connected frontend, at the moment of the report), `pages-marked` (guest pages the
+    /// queue wrote with dirty logging on).
+    pub fn stats_report(&self) -> String {
+        use std::fmt::Write;
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let totals = self
+            .totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "statistics: {} frontend(s) served, {}; disk {} sectors",
+            self.connections.load(std::sync::atomic::Ordering::Relaxed),
+            if current.is_some() {
+                "one connected"
+            } else {
+                "none connected"
+            },
+            self.disk.capacity()
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:>12} {:>8} {:>16} {:>9} {:>13}   (connected frontend / all connections)",
+            "queue", "requests", "errors", "bytes", "in-flight", "pages-marked"
+        );
+        for (i, total) in totals.iter().enumerate() {
+            let now = current.as_ref().and_then(|d| d.queue_stats(i));
+            let in_flight = current
+                .as_ref()
+                .and_then(|d| d.queue_in_flight(i))
+                .unwrap_or(0);
+            let mut all = *total;
+            if let Some(n) = &now {
+                add_stats(&mut all, n);
+            }
+            let n = now.unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{i:>5} {:>12} {:>8} {:>16} {in_flight:>9} {:>13}   now",
+                n.completed, n.errors, n.bytes, n.pages_marked
+            );
+            let _ = writeln!(
+                out,
+                "{:>5} {:>12} {:>8} {:>16} {:>9} {:>13}   total",
+                "", all.completed, all.errors, all.bytes, "", all.pages_marked
+            );
+        }
+        if let Some(d) = &current {
+            let l = d.dirty_log().stats();
+            let _ =
+                writeln!(
+                out,
+                "dirty log (connected frontend): logging {}, out-of-range marks {} ({} pages), \
+                 marks without a log {}",
+                if d.dirty_log().is_logging() { "on" } else { "off" },
+                l.out_of_range_marks,
+                l.out_of_range_pages,
+                l.marks_without_log
+            );
+        }
+        out
     }
 
     /// Serves frontends one after the other, forever (until an unrecoverable error).
@@ -135,6 +249,46 @@ impl BlkServer {
             self.serve_one(&mut listener)?;
         }
     }
+}
+
+fn add_stats(t: &mut QueueStats, q: &QueueStats) {
+    t.completed += q.completed;
+    t.errors += q.errors;
+    t.direct_zero_copy += q.direct_zero_copy;
+    t.direct_bounce += q.direct_bounce;
+    t.stops += q.stops;
+    t.bytes += q.bytes;
+    t.pages_marked += q.pages_marked;
+}
+
+/// Blocks until a frontend is waiting to be accepted on `listener`.
+fn wait_readable(listener: &Listener) -> Result<(), ServeError> {
+    loop {
+        let mut fd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `fd` is a live, initialised pollfd; poll only writes its `revents`.
+        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
+        if rc > 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if rc < 0 && e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(ServeError::Daemon(format!("waiting for a frontend: {e}")));
+        }
+    }
+}
+
+#[cfg(feature = "daemon")]
+fn wait_refusing_others<R>(listener: &Listener, wait: impl FnOnce() -> R) -> R {
+    crate::daemon::socket::refusing_others(listener, wait)
+}
+
+#[cfg(not(feature = "daemon"))]
+fn wait_refusing_others<R>(_listener: &Listener, wait: impl FnOnce() -> R) -> R {
+    wait()
 }
 
 #[cfg(not(feature = "test-drop-marks"))]

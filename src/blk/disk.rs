@@ -96,7 +96,8 @@ pub struct Disk {
     path: PathBuf,
     file: File,
     direct: Option<DirectFile>,
-    capacity: u64,
+    /// In 512-byte sectors; changes only through [`Disk::refresh_capacity`].
+    capacity: std::sync::atomic::AtomicU64,
     read_only: bool,
     block_device: bool,
 }
@@ -164,7 +165,7 @@ impl Disk {
             path: path.to_owned(),
             file,
             direct,
-            capacity,
+            capacity: capacity.into(),
             read_only,
             block_device,
         })
@@ -172,7 +173,27 @@ impl Disk {
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Re-reads the size of the file or block device (a disk grown or shrunk while the daemon
+    /// runs) and returns `(old, new)` capacity in 512-byte sectors. Call it only while no
+    /// frontend is connected: a connected guest keeps the capacity it read from the config
+    /// space (the daemon cannot tell it otherwise; see the README's known limits).
+    pub fn refresh_capacity(&self) -> io::Result<(u64, u64)> {
+        let size = if self.block_device {
+            block_device_size(&self.file)?
+        } else {
+            self.file.metadata()?.len()
+        };
+        let new = size >> SECTOR_SHIFT;
+        if new == 0 {
+            return Err(io::Error::other("the disk is now smaller than one sector"));
+        }
+        let old = self
+            .capacity
+            .swap(new, std::sync::atomic::Ordering::Relaxed);
+        Ok((old, new))
     }
 
     /// The path the disk was opened from.

@@ -117,7 +117,7 @@ fn read(req: &Request, mem: &Mem, ctx: &IoContext<'_>) -> io::Result<DataPath> {
     let offset = req.offset();
     if let Some(direct) = ctx.disk.direct() {
         let align = direct.align();
-        if offset % align.io == 0 && req.data_len % align.io == 0 {
+        if offset.is_multiple_of(align.io) && req.data_len.is_multiple_of(align.io) {
             if let Some(iovs) = host_iovs(mem, &req.data, align.mem, align.io)? {
                 // SAFETY: the iovecs come from VolatileSlices of `mem`, a snapshot of guest
                 // memory whose mappings stay alive (and writable) until it is dropped, which is
@@ -167,7 +167,7 @@ fn write(req: &Request, mem: &Mem, ctx: &IoContext<'_>) -> io::Result<DataPath> 
     let offset = req.offset();
     if let Some(direct) = ctx.disk.direct() {
         let align = direct.align();
-        if offset % align.io == 0 && req.data_len % align.io == 0 {
+        if offset.is_multiple_of(align.io) && req.data_len.is_multiple_of(align.io) {
             if let Some(iovs) = host_iovs(mem, &req.data, align.mem, align.io)? {
                 // SAFETY: as in `read`; pwritev only reads the buffers.
                 unsafe { vectored_all(direct.file(), Dir::Write, &iovs, offset) }?;
@@ -218,7 +218,9 @@ pub(crate) fn host_iovs(
         for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
             let slice = slice.map_err(mem_err)?;
             let ptr = slice.ptr_guard_mut().as_ptr();
-            if (ptr as usize) % mem_align != 0 || (slice.len() as u64) % io_align != 0 {
+            if !(ptr as usize).is_multiple_of(mem_align)
+                || !(slice.len() as u64).is_multiple_of(io_align)
+            {
                 return Ok(None);
             }
             iovs.push(HostIov {

@@ -63,6 +63,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{DirtyGuestMemory, DirtyLogBackend};
+use crate::log::LOG_PAGE_SHIFT;
 use crate::log::{DirtyLog, GuestDirtyBitmap};
 use crate::virtio_blk::{BlkConfigSpace, CONFIG_WCE_OFFSET, ID_BYTES};
 use disk::Disk;
@@ -164,15 +165,44 @@ pub struct QueueStats {
     pub direct_bounce: u64,
     /// Times the ring was stopped (`GET_VRING_BASE`).
     pub stops: u64,
+    /// Data bytes of completed reads and writes (and `GET_ID`), in either direction.
+    pub bytes: u64,
+    /// Guest pages (4 KiB) this queue wrote with dirty logging on: data of reads and `GET_ID`
+    /// plus the status byte's page, counted per request (a page written by two requests counts
+    /// twice). Used-ring entries are marked by the adapter and not counted here.
+    pub pages_marked: u64,
 }
 
 impl QueueStats {
+    /// Counts a completed request's bytes (if it succeeded) and, with logging on, the guest
+    /// pages it wrote: the data of reads / `GET_ID`, and the status byte's page.
+    pub(crate) fn account(&mut self, req: &request::Request, ok: bool, logging: bool) {
+        if ok {
+            self.bytes += req.data_len;
+        }
+        if logging {
+            if matches!(
+                req.kind,
+                request::RequestKind::Read | request::RequestKind::GetId
+            ) {
+                self.pages_marked += req
+                    .data
+                    .iter()
+                    .map(|s| page_span(s.addr.0, u64::from(s.len)))
+                    .sum::<u64>();
+            }
+            self.pages_marked += 1;
+        }
+    }
+
     fn add(&mut self, o: &QueueStats) {
         self.completed += o.completed;
         self.errors += o.errors;
         self.direct_zero_copy += o.direct_zero_copy;
         self.direct_bounce += o.direct_bounce;
         self.stops += o.stops;
+        self.bytes += o.bytes;
+        self.pages_marked += o.pages_marked;
     }
 }
 
@@ -187,6 +217,9 @@ struct Queue {
     hold: Arc<AtomicBool>,
     /// A duplicate of the engine's completion eventfd, to wake the worker.
     wake: Option<EventFd>,
+    /// Requests the synchronous path took from the avail ring and has not put in the used
+    /// ring yet (read without the queue lock, so statistics never wait for a batch).
+    sync_in_flight: AtomicU64,
 }
 
 struct Inner {
@@ -268,6 +301,7 @@ impl BlkDevice {
                 engine: engine.map(Mutex::new),
                 hold,
                 wake,
+                sync_in_flight: AtomicU64::new(0),
             });
         }
         Ok(BlkDevice {
@@ -442,6 +476,18 @@ impl BlkDevice {
         self.inner.drain_in_flight();
     }
 
+    /// Requests of queue `index` taken from the avail ring and not yet completed: those the
+    /// synchronous path is executing (lock-free) plus those in the io_uring engine.
+    pub fn queue_in_flight(&self, index: usize) -> Option<u64> {
+        let q = self.inner.queues.get(index)?;
+        Some(q.sync_in_flight.load(Ordering::Relaxed) + self.in_flight(index) as u64)
+    }
+
+    /// The log handle the device marks through.
+    pub fn dirty_log(&self) -> &DirtyLog {
+        &self.inner.log
+    }
+
     /// The disk being served.
     pub fn disk(&self) -> &Arc<Disk> {
         &self.inner.disk
@@ -504,7 +550,10 @@ impl BlkDevice {
                 continue;
             }
             let head = chain.head_index();
+            let in_flight = &self.inner.queues[qidx].sync_in_flight;
+            in_flight.fetch_add(1, Ordering::Relaxed);
             let used_len = self.process_chain(chain, mem, &limits, &ctx, stats, qidx);
+            in_flight.fetch_sub(1, Ordering::Relaxed);
             if let Err(e) = state.add_used(head, used_len) {
                 // Only a corrupt ring address gets here; nothing more can be done for the ring.
                 log::error!("queue {qidx}: cannot add used entry for descriptor {head}: {e}");
@@ -565,6 +614,11 @@ impl BlkDevice {
                 (VIRTIO_BLK_S_IOERR as u8, 0)
             }
         };
+        stats.account(
+            &req,
+            status == VIRTIO_BLK_S_OK as u8,
+            self.inner.log.is_logging(),
+        );
         // The status byte goes through vm-memory, so it is marked like the data.
         if let Err(e) = mem.write_obj(status, req.status) {
             log::warn!("queue {qidx}: cannot write status byte: {e}");
@@ -834,6 +888,12 @@ impl Drop for Inner {
         // No request may outlive the buffers and mappings it writes into.
         self.drain_in_flight();
     }
+}
+
+/// Number of 4 KiB log pages `[addr, addr + len)` touches (`len > 0`).
+pub(crate) fn page_span(addr: u64, len: u64) -> u64 {
+    let last = addr.saturating_add(len.saturating_sub(1));
+    (last >> LOG_PAGE_SHIFT) - (addr >> LOG_PAGE_SHIFT) + 1
 }
 
 /// Parses a serial given on the command line: at most 20 bytes.

@@ -441,7 +441,7 @@ where
             };
             let segment_size = u64::from(SEGMENT_SIZE);
             if payload_len == 0
-                || payload_len % segment_size != 0
+                || !payload_len.is_multiple_of(segment_size)
                 || payload_len / segment_size > u64::from(max_seg)
             {
                 return Err(fail(ErrorReason::BadSegments));

@@ -835,6 +835,7 @@ impl Engine {
                 false
             }
         };
+        self.stats.account(&f.req, ok, ctx.log.is_logging());
         let written = match f.req.kind {
             RequestKind::Read => u32::try_from(f.req.data_len).unwrap_or(u32::MAX),
             _ => 0,
@@ -874,7 +875,7 @@ fn transfer_step(req: &Request, mem: &Mem, ctx: &IoContext<'_>) -> io::Result<(S
     };
     if let Some(direct) = ctx.disk.direct() {
         let align = direct.align();
-        if offset % align.io == 0 && req.data_len % align.io == 0 {
+        if offset.is_multiple_of(align.io) && req.data_len.is_multiple_of(align.io) {
             let fd = direct.file().as_raw_fd();
             if let Some(iovs) = host_iovs(mem, &req.data, align.mem, align.io)? {
                 return Ok((

@@ -226,7 +226,10 @@ impl CheckOptions {
     /// Checks what can be checked without the backend.
     pub(super) fn validate(&self) -> Result<(), CheckError> {
         let bad = |m: &str| Err(CheckError::Invalid(m.to_string()));
-        if self.min_io < 4096 || self.min_io % 4096 != 0 || self.max_io % 4096 != 0 {
+        if self.min_io < 4096
+            || !self.min_io.is_multiple_of(4096)
+            || !self.max_io.is_multiple_of(4096)
+        {
             return bad("--min-io and --max-io must be multiples of 4 KiB");
         }
         if self.min_io > self.max_io {

@@ -99,7 +99,10 @@ impl RemovedRegion {
 }
 
 fn check_spec(spec: &RegionSpec) -> Result<(), DriverError> {
-    if spec.size == 0 || spec.size % LOG_PAGE_SIZE != 0 || spec.gpa % LOG_PAGE_SIZE != 0 {
+    if spec.size == 0
+        || !spec.size.is_multiple_of(LOG_PAGE_SIZE)
+        || !spec.gpa.is_multiple_of(LOG_PAGE_SIZE)
+    {
         return Err(DriverError::Layout(format!(
             "region {:#x}+{:#x}: start and size must be non-zero multiples of 4 KiB",
             spec.gpa, spec.size
@@ -260,7 +263,7 @@ impl GuestRam {
             .find_region(GuestAddress(gpa))
             .ok_or(DriverError::BadAddress(gpa))?;
         let off = gpa - r.start_addr().0;
-        if off.checked_add(len).map_or(true, |e| e > r.len()) {
+        if off.checked_add(len).is_none_or(|e| e > r.len()) {
             return Err(DriverError::BadAddress(gpa));
         }
         Ok(r.get_host_address(vm_memory::MemoryRegionAddress(off))?)

@@ -42,7 +42,7 @@ impl QueueLayout {
                 "queue size {size} is not a power of two in 1..=32768"
             )));
         }
-        if base % 16 != 0 {
+        if !base.is_multiple_of(16) {
             return Err(DriverError::Layout(format!(
                 "descriptor table at {base:#x} is not 16-byte aligned"
             )));

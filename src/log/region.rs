@@ -114,7 +114,7 @@ impl LogRegion {
         if size > isize::MAX as u64 / 2 {
             return Err(LogError::TooLarge { size });
         }
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(LogError::Misaligned { offset });
         }
         // SAFETY: `st` is a plain-old-data out parameter that fstat fully initialises on
@@ -230,7 +230,7 @@ impl LogRegion {
             return Err(LogError::ZeroSize);
         }
         let base = NonNull::from(&log[0]).cast::<u8>();
-        if base.as_ptr() as usize % 8 != 0 {
+        if !(base.as_ptr() as usize).is_multiple_of(8) {
             return Err(LogError::Misaligned {
                 offset: base.as_ptr() as u64 % 8,
             });

@@ -810,7 +810,7 @@ impl State<'_> {
                 .checked_add(size)
                 .is_some_and(|e| flen > (e - 1) / PAGE * PAGE);
         let plainly_valid = size > 0
-            && offset % PAGE == 0
+            && offset.is_multiple_of(PAGE)
             && offset.checked_add(size).is_some_and(|e| e <= flen)
             && size >= need;
         let ok = self

@@ -283,7 +283,7 @@ pub fn exec_with(input: &Input, shrink_disk: bool) -> Reached {
         if pad > 64 {
             reached.hit("long-chain");
         }
-        descs.extend(std::iter::repeat(last).take(pad));
+        descs.extend(std::iter::repeat_n(last, pad));
     }
 
     // The readable stream: header, segments, trailer, written through the readable buffers.
@@ -618,7 +618,7 @@ fn reference(descs: &[Descriptor], mem: &GuestMemoryMmap<()>, l: &Limits) -> Res
             if !offered || l.read_only || w_data != 0 {
                 return Err(());
             }
-            if payload == 0 || payload % 16 != 0 || payload / 16 > max_seg as u64 {
+            if payload == 0 || !payload.is_multiple_of(16) || payload / 16 > max_seg as u64 {
                 return Err(());
             }
             let mut ranges = Vec::new();

@@ -244,7 +244,7 @@ fn expected_attach(offset: u64, size: u64, file_len: u64) -> Result<(), &'static
     if size > isize::MAX as u64 / 2 {
         return Err("TooLarge");
     }
-    if offset % 8 != 0 {
+    if !offset.is_multiple_of(8) {
         return Err("Misaligned");
     }
     if end > file_len {

@@ -296,7 +296,7 @@ impl State {
                     newly, want,
                     "merge_lebitmap(start {start}, npages {n}): newly dirty"
                 );
-                self.reached.hit(if start % 64 == 0 {
+                self.reached.hit(if start.is_multiple_of(64) {
                     "merge-aligned"
                 } else {
                     "merge-shifted"
@@ -333,7 +333,7 @@ impl State {
                 if region.len_bytes() % 8 != 0 {
                     self.reached.hit("sync-tail");
                 }
-                if base % 64 != 0 {
+                if !base.is_multiple_of(64) {
                     self.reached.hit("sync-shifted");
                 }
             }

@@ -82,7 +82,7 @@ pub fn file_bytes(f: &File) -> Vec<u8> {
 pub fn set_bits(bytes: &mut [u8], first: u64, last: u64) {
     let mut i = first;
     while i <= last {
-        if i % 8 == 0 && last - i >= 7 {
+        if i.is_multiple_of(8) && last - i >= 7 {
             bytes[(i / 8) as usize] = 0xff;
             i += 8;
         } else {
