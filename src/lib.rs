@@ -26,6 +26,7 @@
 //! | `driver` | `driver`, `virtio_blk` | frontend toolkit: in-process VMM, memfd guest RAM, split virtqueue, virtio-blk driver |
 //! | `check` | `check` | the migration checker (`vhost-dirtylog-check`); implies `driver` and `serde` |
 //! | `test-utils` | `test_utils` | fixtures shared by tests, benches, examples and the fuzz crate |
+//! | `daemon` | `daemon` | what a daemon binary needs beyond its device: socket ownership and locks, seccomp + Landlock sandbox |
 //! | `serde` | | `Serialize` for statistics and reports |
 //! | `cli` | | argument parsing and logging for the binaries only |
 //!
