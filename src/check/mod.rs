@@ -118,7 +118,7 @@ pub use error::{
     CheckError, EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL, EXIT_UNSUPPORTED, EXIT_USAGE,
 };
 pub use layout::{default_layout, parse_layout, parse_size};
-pub use options::{CheckOptions, Fault, Workload};
+pub use options::{CheckOptions, Fault, SyncMode, VmmStyle, Workload};
 pub use pattern::write_image;
 pub use report::{group, BackendInfo, FaultRecord, LostPage, Report, StopStats};
 pub use session::run;
