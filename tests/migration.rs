@@ -606,7 +606,9 @@ fn migration_vring_addr_storm() {
         let r = check_ok(&[Fault::VringAddr], |o| o.vmm_style = style);
         assert_clean(&r, &format!("vring-addr, {style}"));
         assert!(
-            r.fault_log[0].detail.contains("burst(s) until the final stop"),
+            r.fault_log[0]
+                .detail
+                .contains("burst(s) until the final stop"),
             "{}",
             r.fault_log[0].detail
         );
@@ -677,7 +679,10 @@ fn ch_checker_catches_a_backend_that_never_marks() {
     o.vmm_style = VmmStyle::Ch;
     let r = check::run(&o).unwrap();
     println!("{}", r.summary());
-    assert!(r.lost_pages > 0 && r.lost_data > 0, "a backend that marks nothing passed");
+    assert!(
+        r.lost_pages > 0 && r.lost_data > 0,
+        "a backend that marks nothing passed"
+    );
     assert_eq!(r.exit_code, EXIT_LOST);
     assert_eq!(r.vmm.pages_marked, 0);
 }

@@ -399,7 +399,8 @@ mod tests {
         assert_eq!((a.vmm_style, a.sync), (VmmStyle::Ch, None));
         assert!(a.no_reply_ack);
         assert_eq!(a.stall_timeout, Duration::from_secs(2));
-        let a = Args::try_parse_from(["x", "--sync", "flip", "--fault", "vring-addr", "/s"]).unwrap();
+        let a =
+            Args::try_parse_from(["x", "--sync", "flip", "--fault", "vring-addr", "/s"]).unwrap();
         assert_eq!(a.sync, Some(SyncMode::Flip));
         assert_eq!(a.fault, [Fault::VringAddr]);
         let e = Args::try_parse_from(["x", "--vmm-style", "kvm", "/s"]).unwrap_err();

@@ -147,7 +147,8 @@ impl Target<'_> {
                 .call("SET_MEM_TABLE (region added)", |c| c.set_mem_table(&ram))?;
         }
         // The workers put buffers there next: the backend must have mapped it.
-        self.shared.barrier("the memory table change (region added)")?;
+        self.shared
+            .barrier("the memory table change (region added)")?;
         self.vmm.add_region(hot)?;
         if self.vmm.flips() {
             self.vmm.grow_logs(ram.gpa_end())?;
@@ -167,7 +168,8 @@ impl Target<'_> {
             self.shared
                 .call("SET_MEM_TABLE (region removed)", |c| c.set_mem_table(&ram))?;
         }
-        self.shared.barrier("the memory table change (region removed)")?;
+        self.shared
+            .barrier("the memory table change (region removed)")?;
         self.vmm.remove_region(spare.gpa);
         drop(removed);
         let how = if slots {

@@ -441,7 +441,10 @@ mod tests {
         for v in VmmStyle::ALL {
             assert_eq!(v.name().parse::<VmmStyle>(), Ok(v));
         }
-        assert!("qemu".parse::<SyncMode>().unwrap_err().contains("swap, flip"));
+        assert!("qemu"
+            .parse::<SyncMode>()
+            .unwrap_err()
+            .contains("swap, flip"));
         assert!("kvm".parse::<VmmStyle>().unwrap_err().contains("qemu, ch"));
         assert!(Fault::parse_list("vring-addr").unwrap() == [Fault::VringAddr]);
         let e = "random".parse::<Workload>().unwrap_err();

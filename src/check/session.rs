@@ -374,7 +374,10 @@ impl Run<'_> {
                 stops.push(None);
                 continue;
             };
-            match self.shared.call("GET_VRING_BASE (after the migration)", |c| c.stop_queue(i)) {
+            match self
+                .shared
+                .call("GET_VRING_BASE (after the migration)", |c| c.stop_queue(i))
+            {
                 Ok(base) => stops.push(Some((base, used))),
                 Err(e) => {
                     st.error.get_or_insert_with(|| format!("queue {i}: {e}"));
