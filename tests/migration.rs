@@ -16,11 +16,11 @@ use vhost_dirtylog::backend::DirtyLogBackend;
 use vhost_dirtylog::blk::disk::Disk;
 use vhost_dirtylog::blk::{BlkConfig, BlkDevice};
 use vhost_dirtylog::check::{
-    self, default_layout, CheckError, CheckOptions, Fault, Report, Workload, EXIT_LOST, EXIT_OK,
-    EXIT_UNSUPPORTED,
+    self, default_layout, CheckError, CheckOptions, Fault, Report, SyncMode, VmmStyle, Workload,
+    EXIT_LOST, EXIT_OK, EXIT_UNSUPPORTED,
 };
 use vhost_dirtylog::log::DirtyLog;
-use vhost_dirtylog::test_utils::blk::spawn_blk;
+use vhost_dirtylog::test_utils::blk::{spawn_blk, InProcessBlk};
 use vhost_dirtylog::test_utils::{DaemonDir, DaemonProcess, InProcessDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -480,4 +480,242 @@ fn hot_added_memory_is_usable_right_after_the_ack() {
         let removed = ram.remove_region(gpa).unwrap();
         conn.remove_mem_region(&removed).unwrap();
     }
+}
+
+// --- issue 13 items 4 and 5, the SET_VRING_ADDR storm, and cloud-hypervisor's way ----------
+
+/// Issue 13 item 4: without `REPLY_ACK`, `SET_FEATURES(LOG_ALL)` and `SET_VRING_ADDR(F_LOG)` are
+/// not waited for; a checker that copies RAM at once blames a correct backend for the writes it
+/// made before it turned logging on (12 of 20 such 60 ms runs "lost" 2..180 pages). With the
+/// barrier after them: 0 of 20.
+#[test]
+fn no_reply_ack_short_runs_lose_nothing() {
+    let d = daemon();
+    let mut lossy = 0;
+    for run in 0..20 {
+        // The default size (64 MiB, 2 x 32 in flight): the race shows there (see the negative
+        // control below).
+        let mut o = CheckOptions {
+            disk_span: DISK,
+            ..CheckOptions::new(&d.env.sock)
+        };
+        o.reply_ack = false;
+        o.duration = Duration::from_millis(60);
+        o.seed = run;
+        let r = check::run(&o).unwrap_or_else(|e| panic!("run {run}: {e}"));
+        assert!(!r.backend.reply_ack, "REPLY_ACK was negotiated");
+        assert!(r.device_pages_written > 0 && r.requests > 0, "run {run}");
+        if r.lost_pages > 0 {
+            println!("run {run}:\n{}", r.summary());
+            lossy += 1;
+        }
+    }
+    assert_eq!(lossy, 0, "{lossy} of 20 runs lost pages without REPLY_ACK");
+}
+
+/// A queue that hangs with requests in flight fails the run within `stall_timeout`, naming the
+/// queue and the count (before: only after `--timeout`, so short runs ended PASS).
+#[test]
+fn a_hung_queue_is_reported() {
+    let env = env();
+    let config = BlkConfig {
+        num_queues: 2,
+        ..BlkConfig::default()
+    };
+    let a = InProcessBlk::start(env, false, false, config);
+    if !a.device.is_async(1) {
+        println!("note: no io_uring dataplane here; skipping (the hold hook needs it)");
+        return;
+    }
+    let dev = a.device.clone();
+    let holder = std::thread::spawn(move || {
+        // Hang queue 1 once the migration is under way.
+        std::thread::sleep(Duration::from_millis(400));
+        dev.hold_submissions_for_tests(1, true);
+        std::thread::sleep(Duration::from_secs(4));
+        dev.hold_submissions_for_tests(1, false);
+    });
+    let mut o = opts(&a.env.sock);
+    o.duration = Duration::from_secs(3);
+    o.stall_timeout = Duration::from_millis(500);
+    let t = std::time::Instant::now();
+    let e = check::run(&o).expect_err("a hung queue passed");
+    println!("{e} (after {:?})", t.elapsed());
+    let msg = e.to_string();
+    assert!(msg.contains("queue 1 hung"), "{msg}");
+    assert!(msg.contains("request(s) in flight"), "{msg}");
+    assert_eq!(e.exit_code(), check::EXIT_PROTOCOL);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    holder.join().unwrap();
+}
+
+/// Requests still in flight when the backend answers the final stop fail the run, naming the
+/// queue and the count: the device's hook makes `GET_VRING_BASE` / `SET_VRING_ENABLE(0)` stop
+/// waiting for requests held in the disk (negative control of the quiesce).
+fn in_flight_at_the_stop_is_reported(style: VmmStyle) {
+    let env = env();
+    let config = BlkConfig {
+        num_queues: 2,
+        ..BlkConfig::default()
+    };
+    let a = InProcessBlk::start(env, false, false, config);
+    if !a.device.is_async(1) {
+        println!("note: no io_uring dataplane here; skipping (the hold hook needs it)");
+        return;
+    }
+    let dev = a.device.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let holder = std::thread::spawn(move || {
+        // Once queue 1 has run: hold its requests in the disk, and let the stop not wait.
+        while !dev.skip_quiesce_for_tests(1, true) && !s2.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dev.hold_submissions_for_tests(1, true);
+        while !s2.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dev.hold_submissions_for_tests(1, false);
+    });
+    let mut o = opts(&a.env.sock);
+    o.vmm_style = style;
+    o.stall_timeout = Duration::from_secs(8);
+    let r = check::run(&o).unwrap_or_else(|e| panic!("{style}: {e}"));
+    stop.store(true, Ordering::Relaxed);
+    holder.join().unwrap();
+    println!("{}", r.summary());
+    assert_eq!(r.exit_code, check::EXIT_PROTOCOL, "{}", r.verdict);
+    assert!(r.stop.inflight_by_queue[1] > 0, "{:?}", r.stop);
+    assert!(r.verdict.contains("queue 1:"), "{}", r.verdict);
+}
+
+#[test]
+fn in_flight_at_get_vring_base_is_reported() {
+    in_flight_at_the_stop_is_reported(VmmStyle::Qemu);
+}
+
+#[test]
+fn in_flight_at_set_vring_enable_0_is_reported() {
+    in_flight_at_the_stop_is_reported(VmmStyle::Ch);
+}
+
+/// `--fault vring-addr`: the storm until the final stop; no hang, nothing lost.
+#[test]
+fn migration_vring_addr_storm() {
+    for style in VmmStyle::ALL {
+        let r = check_ok(&[Fault::VringAddr], |o| o.vmm_style = style);
+        assert_clean(&r, &format!("vring-addr, {style}"));
+        assert!(
+            r.fault_log[0]
+                .detail
+                .contains("burst(s) until the final stop"),
+            "{}",
+            r.fault_log[0].detail
+        );
+    }
+}
+
+/// cloud-hypervisor's way (`--vmm-style ch`: flip sync, stop by `SET_VRING_ENABLE(0)` and one
+/// more flip whose new log is never read), in every fault mode.
+fn ch_ok(faults: &[Fault]) {
+    let r = check_ok(faults, |o| o.vmm_style = VmmStyle::Ch);
+    assert_clean(&r, &format!("ch {faults:?}"));
+    assert_eq!(r.sync, SyncMode::Flip);
+    assert_eq!(r.stop.message, "SET_VRING_ENABLE(0)");
+    assert!(r.vmm.flips >= r.vmm.rounds, "{:?}", r.vmm);
+}
+
+#[test]
+fn ch_migration_no_fault() {
+    ch_ok(&[]);
+}
+
+#[test]
+fn ch_migration_log_resize() {
+    ch_ok(&[Fault::LogResize]);
+}
+
+#[test]
+fn ch_migration_mem_table() {
+    ch_ok(&[Fault::MemTable]);
+}
+
+#[test]
+fn ch_migration_log_toggle() {
+    ch_ok(&[Fault::LogToggle]);
+}
+
+#[test]
+fn ch_migration_reconnect() {
+    ch_ok(&[Fault::Reconnect]);
+}
+
+#[test]
+fn ch_migration_all_faults_mixed_no_reply_ack() {
+    let r = check_ok(&Fault::ALL, |o| {
+        o.vmm_style = VmmStyle::Ch;
+        o.reply_ack = false;
+        o.workload = Workload::Mixed;
+        o.duration = Duration::from_millis(2000);
+    });
+    assert_clean(&r, "ch, all faults, mixed, no REPLY_ACK");
+}
+
+/// Flip sync with QEMU's stop.
+#[test]
+fn flip_sync_with_qemu_stop() {
+    let r = check_ok(&[Fault::LogResize, Fault::MemTable], |o| {
+        o.sync = Some(SyncMode::Flip)
+    });
+    assert_clean(&r, "qemu style, flip sync");
+    assert!(r.vmm.flips >= r.vmm.rounds);
+}
+
+#[test]
+fn ch_checker_catches_a_backend_that_never_marks() {
+    let env = env();
+    serve_in_process(&env, Some(Broken::NeverLogs));
+    let mut o = opts(&env.sock);
+    o.vmm_style = VmmStyle::Ch;
+    let r = check::run(&o).unwrap();
+    println!("{}", r.summary());
+    assert!(
+        r.lost_pages > 0 && r.lost_data > 0,
+        "a backend that marks nothing passed"
+    );
+    assert_eq!(r.exit_code, EXIT_LOST);
+    assert_eq!(r.vmm.pages_marked, 0);
+}
+
+/// Negative control of the barrier: the same short runs without it. The checker then copies RAM
+/// before the backend has turned logging on, and blames it for writes it made in between.
+#[test]
+fn no_reply_ack_without_barrier_blames_the_backend() {
+    let d = daemon();
+    let mut lossy = 0;
+    let mut lost = Vec::new();
+    // 2..5 of 20 runs show it on a loaded 2-core machine: run until one does (at most 80).
+    for run in 0..80 {
+        let mut o = CheckOptions {
+            disk_span: DISK,
+            ..CheckOptions::new(&d.env.sock)
+        };
+        o.reply_ack = false;
+        o.barrier = false;
+        o.duration = Duration::from_millis(60);
+        o.seed = run;
+        let r = check::run(&o).unwrap_or_else(|e| panic!("run {run}: {e}"));
+        if r.lost_pages > 0 {
+            lossy += 1;
+        }
+        lost.push(r.lost_pages);
+        if lossy > 0 {
+            break;
+        }
+    }
+    println!(
+        "without the barrier: {lossy} of {} runs lost pages: {lost:?}",
+        lost.len()
+    );
+    assert!(lossy > 0, "the race did not show in 80 runs");
 }

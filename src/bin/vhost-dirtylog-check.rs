@@ -11,8 +11,8 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::Parser;
 use vhost_dirtylog::check::{
-    self, default_layout, parse_layout, parse_size, BenchOptions, CheckOptions, Fault, Workload,
-    EXIT_OK, EXIT_PROTOCOL, EXIT_USAGE,
+    self, default_layout, parse_layout, parse_size, BenchOptions, CheckOptions, Fault, SyncMode,
+    VmmStyle, Workload, EXIT_OK, EXIT_PROTOCOL, EXIT_USAGE,
 };
 
 /// Drive a vhost-user-blk backend through a simulated live migration and report lost dirty
@@ -34,7 +34,10 @@ use vhost_dirtylog::check::{
 #[command(after_help = "Exit status:
   0   no lost page, every read returned the expected data
   1   lost pages: the backend wrote guest memory the dirty log never reported
-  2   protocol error: the backend broke the protocol, stalled or failed
+  2   protocol error: the backend broke the protocol or failed; a queue hung (requests in
+      flight, none completed for --stall-timeout); or requests were still in flight when
+      the backend answered the final stop (GET_VRING_BASE, or SET_VRING_ENABLE(0) with
+      --vmm-style ch). Lost pages take precedence (exit 1).
   3   the backend does not support dirty logging (no VHOST_F_LOG_ALL / LOG_SHMFD)
   4   no lost page, but reads returned wrong data or requests failed
   64  invalid options
@@ -42,6 +45,8 @@ use vhost_dirtylog::check::{
 Examples:
   vhost-dirtylog-check /tmp/vblk.sock
   vhost-dirtylog-check --fault all --queues 2 --duration 10s /tmp/vblk.sock
+  vhost-dirtylog-check --vmm-style ch --fault all /tmp/vblk.sock
+  vhost-dirtylog-check --no-reply-ack --duration 60ms /tmp/vblk.sock
   vhost-dirtylog-check --layout 0:64M,1G:64M,4G:128M --workload mixed --deferred /tmp/vblk.sock
   vhost-dirtylog-check --bench --queues 1 --depth 32 /tmp/vblk.sock
   vhost-dirtylog-check --json /tmp/vblk.sock | jq .lost_pages")]
@@ -115,7 +120,7 @@ struct Args {
     clear_chunk: u64,
 
     /// Faults to inject, spread over the run: log-resize, mem-table, log-toggle, reconnect,
-    /// all or none (comma-separated).
+    /// vring-addr (a SET_VRING_ADDR storm from then on), all or none (comma-separated).
     #[arg(long, value_name = "LIST", default_value = "none", value_parser = Fault::parse_list)]
     fault: FaultList,
 
@@ -139,6 +144,27 @@ struct Args {
     /// Bound on every wait for the backend (replies, completions).
     #[arg(long, value_name = "TIME", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+
+    /// A queue with requests in flight and no completion for this long fails the run.
+    #[arg(long, value_name = "TIME", default_value = "2s", value_parser = parse_duration)]
+    stall_timeout: Duration,
+
+    /// Do not negotiate VHOST_USER_PROTOCOL_F_REPLY_ACK (messages then go unacknowledged; the
+    /// checker waits with a GET_FEATURES barrier where it must).
+    #[arg(long)]
+    no_reply_ack: bool,
+
+    /// How the log is read each round: swap (one log, consumed with atomic swaps, as QEMU) or
+    /// flip (a fresh log handed over with SET_LOG_BASE every round, the retired one merged,
+    /// as cloud-hypervisor) [default: swap, flip with --vmm-style ch].
+    #[arg(long, value_name = "MODE", value_parser = sync_parser())]
+    sync: Option<SyncMode>,
+
+    /// Whose way of migrating to play: qemu (final stop by GET_VRING_BASE) or ch
+    /// (cloud-hypervisor: flip sync, final stop by SET_VRING_ENABLE(0) on each ring and one
+    /// more log flip; the new log is never read).
+    #[arg(long, value_name = "STYLE", default_value = "qemu", value_parser = style_parser())]
+    vmm_style: VmmStyle,
 
     /// Wait between the final sync and the comparison (catches writes after GET_VRING_BASE).
     #[arg(long, value_name = "TIME", default_value = "200ms", value_parser = parse_duration)]
@@ -187,6 +213,18 @@ fn workload_parser() -> impl TypedValueParser<Value = Workload> {
         })
     }))
     .try_map(|s| s.parse::<Workload>())
+}
+
+/// `--sync`: the names [`SyncMode`]'s `FromStr` accepts.
+fn sync_parser() -> impl TypedValueParser<Value = SyncMode> {
+    PossibleValuesParser::new(SyncMode::ALL.map(|m| PossibleValue::new(m.name())))
+        .try_map(|s| s.parse::<SyncMode>())
+}
+
+/// `--vmm-style`: the names [`VmmStyle`]'s `FromStr` accepts.
+fn style_parser() -> impl TypedValueParser<Value = VmmStyle> {
+    PossibleValuesParser::new(VmmStyle::ALL.map(|m| PossibleValue::new(m.name())))
+        .try_map(|s| s.parse::<VmmStyle>())
 }
 
 /// Parses a duration: a number with `ms`, `s`, `m` (default seconds), e.g. `500ms`, `3s`, `1.5`.
@@ -286,6 +324,10 @@ fn main() -> ExitCode {
         timeout: args.timeout,
         settle: args.settle,
         progress: !args.no_progress,
+        reply_ack: !args.no_reply_ack,
+        stall_timeout: args.stall_timeout,
+        sync: args.sync,
+        vmm_style: args.vmm_style,
         ..CheckOptions::new(socket)
     };
     let (out, code) = if args.bench {
@@ -353,6 +395,16 @@ mod tests {
         let a = Args::try_parse_from(["x", "/s"]).unwrap();
         assert_eq!(a.workload, Workload::Read);
         assert!(a.fault.is_empty());
+        let a = Args::try_parse_from(["x", "--vmm-style", "ch", "--no-reply-ack", "/s"]).unwrap();
+        assert_eq!((a.vmm_style, a.sync), (VmmStyle::Ch, None));
+        assert!(a.no_reply_ack);
+        assert_eq!(a.stall_timeout, Duration::from_secs(2));
+        let a =
+            Args::try_parse_from(["x", "--sync", "flip", "--fault", "vring-addr", "/s"]).unwrap();
+        assert_eq!(a.sync, Some(SyncMode::Flip));
+        assert_eq!(a.fault, [Fault::VringAddr]);
+        let e = Args::try_parse_from(["x", "--vmm-style", "kvm", "/s"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidValue);
         let e = Args::try_parse_from(["x", "--workload", "random", "/s"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidValue);
         assert!(e.to_string().contains("read, write, mixed"), "{e}");

@@ -13,6 +13,12 @@
 //! somebody wrote and nobody reported: since the guest's own writes are all in the emulated
 //! hypervisor log, that somebody is the backend.
 //!
+//! With flip sync ([`Logs::Flip`], cloud-hypervisor's way) the backend's log is not consumed in
+//! place: each round a [`LogFlip`] hands the backend a fresh log through the session's
+//! `SET_LOG_BASE` sender and, once the reply is in, merges the retired one with plain loads.
+//! The round trip and the merge are timed apart ([`VmmStats::flip_send_us`],
+//! [`VmmStats::flip_merge_us`]).
+//!
 //! Knows nothing of the backend or the workers: the tests below play the backend by writing
 //! guest memory behind the tracker's back.
 
@@ -23,7 +29,8 @@ use std::time::{Duration, Instant};
 use super::error::{vmm_err, CheckError};
 use crate::driver::{GuestRam, RegionSpec};
 use crate::log::{LogRegion, LOG_PAGE_SHIFT, LOG_PAGE_SIZE};
-use crate::vmm::{FetchedLog, MigrationBitmap, SharedLog};
+use crate::vmm::{FetchedLog, LogFlip, MigrationBitmap, SharedLog};
+use vhost::VhostUserDirtyLogRegion;
 
 /// Counters of the VMM side.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -41,15 +48,41 @@ pub struct VmmStats {
     pub max_round_dirty: u64,
     /// Pages taken from retired logs after a resize.
     pub drained_pages: u64,
-    /// Time spent merging logs into the bitmap, all rounds, in microseconds.
+    /// Time spent merging logs into the bitmap, all rounds, in microseconds (flip sync: the
+    /// `SET_LOG_BASE` round trips excluded; they are [`flip_send_us`](Self::flip_send_us)).
     pub sync_us: u64,
     /// Time spent copying pages, all rounds, in microseconds.
     pub copy_us: u64,
+    /// Flip sync: log flips (`SET_LOG_BASE` with the standby log, replied, retired log merged).
+    pub flips: u64,
+    /// Flip sync: time in the `SET_LOG_BASE` round trips, all flips, in microseconds.
+    pub flip_send_us: u64,
+    /// Flip sync: the longest single `SET_LOG_BASE` round trip, in microseconds.
+    pub flip_send_max_us: u64,
+    /// Flip sync: time merging (and clearing) retired logs, all flips, in microseconds.
+    pub flip_merge_us: u64,
+}
+
+/// Sends `SET_LOG_BASE` with a log and waits for the backend's reply (the session's
+/// connection).
+pub(super) type SendLog = Box<dyn FnMut(VhostUserDirtyLogRegion) -> Result<(), CheckError> + Send>;
+
+/// The backend's log(s), by sync mode.
+pub(super) enum Logs {
+    /// One log, consumed with atomic swaps.
+    Swap(SharedLog),
+    /// A flip pair and how to hand the backend the next log.
+    Flip {
+        /// The pair.
+        logs: LogFlip,
+        /// The `SET_LOG_BASE` sender.
+        send: SendLog,
+    },
 }
 
 pub(super) struct Vmm {
     ram: Arc<GuestRam>,
-    log: SharedLog,
+    logs: Logs,
     kvm: Arc<LogRegion>,
     bitmap: MigrationBitmap,
     dest: BTreeMap<u64, Vec<u8>>,
@@ -62,12 +95,21 @@ pub(super) struct Vmm {
 impl Vmm {
     pub fn new(
         ram: Arc<GuestRam>,
-        log: SharedLog,
+        logs: Logs,
         kvm: Arc<LogRegion>,
         deferred: bool,
         chunk: u64,
     ) -> Result<Self, CheckError> {
-        let bitmap = MigrationBitmap::new(log.guest_pages()).map_err(vmm_err)?;
+        if deferred && matches!(logs, Logs::Flip { .. }) {
+            return Err(CheckError::Invalid(
+                "deferred clearing works with swap sync only".into(),
+            ));
+        }
+        let pages = match &logs {
+            Logs::Swap(l) => l.guest_pages(),
+            Logs::Flip { logs, .. } => logs.guest_pages(),
+        };
+        let bitmap = MigrationBitmap::new(pages).map_err(vmm_err)?;
         let dest = ram
             .layout()
             .iter()
@@ -75,7 +117,7 @@ impl Vmm {
             .collect();
         Ok(Vmm {
             ram,
-            log,
+            logs,
             kvm,
             bitmap,
             dest,
@@ -86,9 +128,17 @@ impl Vmm {
         })
     }
 
-    /// The backend's current log.
+    /// The backend's current log (with flip sync: the active one).
     pub fn log(&self) -> &SharedLog {
-        &self.log
+        match &self.logs {
+            Logs::Swap(l) => l,
+            Logs::Flip { logs, .. } => logs.active(),
+        }
+    }
+
+    /// Flip sync is in use.
+    pub fn flips(&self) -> bool {
+        matches!(self.logs, Logs::Flip { .. })
     }
 
     /// Marks every page of guest RAM dirty (round 0, and re-enabling LOG_ALL).
@@ -101,7 +151,7 @@ impl Vmm {
 
     /// Round 0: consume whatever the logs hold, mark all RAM, copy everything.
     pub fn first_round(&mut self) -> Result<(), CheckError> {
-        self.sync();
+        self.sync()?;
         self.mark_all_ram();
         self.copy()?;
         self.stats.rounds += 1;
@@ -110,7 +160,7 @@ impl Vmm {
 
     /// One pre-copy round: merge the logs, copy the dirty pages. Returns the pages copied.
     pub fn round(&mut self) -> Result<u64, CheckError> {
-        self.sync();
+        self.sync()?;
         let dirty = self.bitmap.count_dirty();
         self.stats.max_round_dirty = self.stats.max_round_dirty.max(dirty);
         let n = self.copy()?;
@@ -118,28 +168,64 @@ impl Vmm {
         Ok(n)
     }
 
-    fn sync(&mut self) {
+    fn sync(&mut self) -> Result<(), CheckError> {
         let t = Instant::now();
-        let newly = if self.deferred {
-            self.bitmap.fetch_log_into(&self.log, 0, &mut self.fetched)
-        } else {
-            self.bitmap.sync_from_log(&self.log, 0)
+        let mut sent = 0;
+        let newly = match &mut self.logs {
+            Logs::Swap(log) if self.deferred => {
+                self.bitmap.fetch_log_into(log, 0, &mut self.fetched)
+            }
+            Logs::Swap(log) => self.bitmap.sync_from_log(log, 0),
+            Logs::Flip { logs, send } => {
+                let region = logs.begin().map_err(vmm_err)?;
+                let t0 = Instant::now();
+                if let Err(e) = send(region) {
+                    logs.abort().map_err(vmm_err)?;
+                    return Err(e);
+                }
+                sent = micros(t0.elapsed());
+                logs.commit().map_err(vmm_err)?;
+                // Memory hotplug may have raised the logs' end past the bitmap's.
+                self.bitmap.grow(logs.guest_pages()).map_err(vmm_err)?;
+                let t1 = Instant::now();
+                let newly = logs.merge_retired(&self.bitmap).map_err(vmm_err)?;
+                self.stats.flips += 1;
+                self.stats.flip_send_us += sent;
+                self.stats.flip_send_max_us = self.stats.flip_send_max_us.max(sent);
+                self.stats.flip_merge_us += micros(t1.elapsed());
+                newly
+            }
         };
         self.stats.pages_marked += newly;
         self.stats.guest_pages_marked += self.bitmap.sync_from_log(&self.kvm, 0);
-        self.stats.sync_us += micros(t.elapsed());
+        // The SET_LOG_BASE round trip is the backend's time, not the merge's.
+        self.stats.sync_us += micros(t.elapsed()).saturating_sub(sent);
+        Ok(())
+    }
+
+    /// Flip sync, memory hotplug or a log resize: the logs must cover `[0, gpa_end)` from the
+    /// next flip on (the bitmap grows with them). Returns the new log size in bytes.
+    pub fn grow_logs(&mut self, gpa_end: u64) -> Result<u64, CheckError> {
+        let Logs::Flip { logs, .. } = &mut self.logs else {
+            return Err(CheckError::Setup("grow_logs needs flip sync".into()));
+        };
+        logs.grow(gpa_end).map_err(vmm_err)?;
+        self.bitmap.grow(logs.guest_pages()).map_err(vmm_err)?;
+        Ok(logs.standby().size())
     }
 
     fn copy(&mut self) -> Result<u64, CheckError> {
         let t = Instant::now();
-        let n = if self.deferred {
+        // (Vmm::new refuses deferred clearing with flip sync.)
+        let n = if self.deferred && !self.flips() {
             // Clear each chunk's fetched log bits right before copying that chunk.
-            let pages = self.bitmap.pages().max(self.log.region().pages());
+            let pages = self.bitmap.pages().max(self.log().region().pages());
             let mut n = 0;
             let mut c = 0;
             while c < pages {
+                let Logs::Swap(log) = &self.logs else { break };
                 self.fetched
-                    .clear_pages(&self.log, c, self.chunk)
+                    .clear_pages(log, c, self.chunk)
                     .map_err(vmm_err)?;
                 n += self.copy_range(c, self.chunk);
                 c += self.chunk;
@@ -246,8 +332,12 @@ impl Vmm {
 
     /// Log resize, step 2 (after the backend acknowledged `SET_LOG_BASE` with `new`): switch,
     /// drain the retired log, and return it (drop it only now).
+    /// Swap sync only (flip sync grows with [`grow_logs`](Self::grow_logs)).
     pub fn switch_log(&mut self, new: SharedLog) -> SharedLog {
-        let old = std::mem::replace(&mut self.log, new);
+        let Logs::Swap(log) = &mut self.logs else {
+            return new;
+        };
+        let old = std::mem::replace(log, new);
         let n = self.bitmap.drain_log(&old);
         self.stats.drained_pages += n;
         self.stats.pages_marked += n;
@@ -281,7 +371,7 @@ impl Vmm {
     /// Whether `page` is set in the backend's log right now (after the final sync: marked
     /// too late).
     pub fn log_has(&self, page: u64) -> bool {
-        self.log.region().test_page(page)
+        self.log().region().test_page(page)
     }
 
     /// Pages in the destination.
@@ -312,7 +402,7 @@ mod tests {
         let log = SharedLog::new(ram.gpa_end()).unwrap();
         let kvm = Arc::new(LogRegion::anonymous(log.size() as usize).unwrap());
         ram.track_writes(Some(kvm.clone()));
-        let vmm = Vmm::new(ram.clone(), log, kvm, deferred, 64).unwrap();
+        let vmm = Vmm::new(ram.clone(), Logs::Swap(log), kvm, deferred, 64).unwrap();
         (ram, vmm)
     }
 
@@ -343,6 +433,74 @@ mod tests {
             );
             assert!(vmm.stats.pages_marked >= 1 && vmm.stats.guest_pages_marked >= 1);
         }
+    }
+
+    #[test]
+    fn flip_sync_reads_retired_logs_and_grows() {
+        use std::sync::Mutex;
+        let ram = Arc::new(GuestRam::new(&[RegionSpec::new(0, 1 << 20)]).unwrap());
+        let kvm = Arc::new(LogRegion::anonymous(512).unwrap());
+        ram.track_writes(Some(kvm.clone()));
+        // The "backend": the log it was last handed (an fd duplicate is enough to compare).
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let s2 = sent.clone();
+        let send: SendLog = Box::new(move |r: VhostUserDirtyLogRegion| {
+            s2.lock().unwrap().push(r.mmap_size);
+            Ok(())
+        });
+        let logs = Logs::Flip {
+            logs: LogFlip::new(ram.gpa_end()).unwrap(),
+            send,
+        };
+        let mut vmm = Vmm::new(ram.clone(), logs, kvm, false, 64).unwrap();
+        assert!(vmm.flips());
+        vmm.first_round().unwrap();
+        // A mark in the active log: the next flip retires and merges it.
+        backend_write(&ram, 0x7000, 3);
+        vmm.log().region().mark_pages(7, 7);
+        vmm.round().unwrap();
+        assert!(vmm.compare().is_empty());
+        assert_eq!(vmm.stats.flips, 2);
+        assert_eq!(vmm.stats.pages_marked, 1);
+        // Hotplug past the log's end: the logs grow, a mark past the old end is merged.
+        let spec = RegionSpec::new(4 << 20, 1 << 20);
+        ram.add_region(spec).unwrap();
+        vmm.add_region(spec).unwrap();
+        vmm.grow_logs(ram.gpa_end()).unwrap();
+        vmm.round().unwrap(); // hands out the grown standby
+        let p = (spec.gpa >> LOG_PAGE_SHIFT) + 3;
+        backend_write(&ram, spec.gpa + 0x3000, 7);
+        vmm.log().region().mark_pages(p, p);
+        vmm.round().unwrap();
+        assert!(vmm.compare().is_empty(), "{:?}", vmm.compare());
+        let sizes = sent.lock().unwrap().clone();
+        assert_eq!(sizes.len(), 4);
+        assert!(sizes[2] > sizes[0], "{sizes:?}");
+        // A send failure aborts the flip: the backend keeps its log, nothing is lost.
+        let mut failing = Vmm::new(
+            ram.clone(),
+            Logs::Flip {
+                logs: LogFlip::new(ram.gpa_end()).unwrap(),
+                send: Box::new(|_| Err(CheckError::Protocol("gone".into()))),
+            },
+            Arc::new(LogRegion::anonymous(512).unwrap()),
+            false,
+            64,
+        )
+        .unwrap();
+        assert!(failing.round().is_err());
+        // Deferred clearing is refused with flip sync.
+        assert!(Vmm::new(
+            ram.clone(),
+            Logs::Flip {
+                logs: LogFlip::new(ram.gpa_end()).unwrap(),
+                send: Box::new(|_| Ok(())),
+            },
+            Arc::new(LogRegion::anonymous(512).unwrap()),
+            true,
+            64,
+        )
+        .is_err());
     }
 
     #[test]

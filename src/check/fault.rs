@@ -15,7 +15,7 @@ use super::options::{CheckOptions, Fault};
 use super::plan::MemPlan;
 use super::pool::{recv, share, Workers};
 use super::report::BackendInfo;
-use super::rig::Shared;
+use super::rig::{negotiate, Shared};
 use super::worker::Cmd;
 use crate::driver::Connection;
 use crate::vmm::{SharedLog, MAX_GPA_END};
@@ -83,10 +83,38 @@ impl Target<'_> {
             Fault::MemTable => self.mem_table(),
             Fault::LogToggle => self.log_toggle(),
             Fault::Reconnect => self.reconnect(),
+            Fault::VringAddr => self.vring_addr(),
         }
     }
 
+    /// The first burst of a `SET_VRING_ADDR` storm; the session sends one more after every
+    /// later round until the final stop.
+    fn vring_addr(&mut self) -> Result<String, CheckError> {
+        let queues = &self.plan.queues[..self.workers.len()];
+        let n = self
+            .shared
+            .vring_addr_storm(queues, self.opts.storm_burst)?;
+        Ok(format!(
+            "SET_VRING_ADDR storm: the same addresses of {} running ring(s), {} times each per round ({n} in the first burst)",
+            queues.len(),
+            self.opts.storm_burst
+        ))
+    }
+
     fn log_resize(&mut self) -> Result<String, CheckError> {
+        if self.vmm.flips() {
+            // Flip sync: both logs grow; the bigger standby goes out with the next flip, the
+            // current one is replaced once it comes back retired (LogFlip::grow).
+            let old_size = self.vmm.log().size();
+            let end = (self.vmm.log().gpa_end().saturating_mul(2)).min(MAX_GPA_END);
+            let new_size = self.vmm.grow_logs(end)?;
+            let before = self.vmm.stats.pages_marked;
+            self.vmm.round()?;
+            return Ok(format!(
+                "logs {old_size} -> {new_size} bytes (flip sync: grown), flipped to the bigger log at once ({} page(s) merged from the retired one)",
+                self.vmm.stats.pages_marked - before
+            ));
+        }
         let old_size = self.vmm.log().size();
         let end = (self.vmm.log().gpa_end().saturating_mul(2)).min(MAX_GPA_END);
         let new = SharedLog::new(end).map_err(vmm_err)?;
@@ -118,7 +146,13 @@ impl Target<'_> {
             self.shared
                 .call("SET_MEM_TABLE (region added)", |c| c.set_mem_table(&ram))?;
         }
+        // The workers put buffers there next: the backend must have mapped it.
+        self.shared
+            .barrier("the memory table change (region added)")?;
         self.vmm.add_region(hot)?;
+        if self.vmm.flips() {
+            self.vmm.grow_logs(ram.gpa_end())?;
+        }
         let n = self.workers.len();
         for i in 0..n {
             let s = share(&self.plan.hot_slots, i, n);
@@ -134,11 +168,14 @@ impl Target<'_> {
             self.shared
                 .call("SET_MEM_TABLE (region removed)", |c| c.set_mem_table(&ram))?;
         }
+        self.shared
+            .barrier("the memory table change (region removed)")?;
         self.vmm.remove_region(spare.gpa);
         drop(removed);
         let how = if slots {
             self.shared
                 .call("SET_MEM_TABLE (re-send)", |c| c.set_mem_table(&ram))?;
+            self.shared.barrier("SET_MEM_TABLE (re-send)")?;
             "ADD_MEM_REG, REM_MEM_REG, then the whole table again with SET_MEM_TABLE"
         } else {
             "SET_MEM_TABLE twice (no CONFIGURE_MEM_SLOTS)"
@@ -204,7 +241,7 @@ impl Target<'_> {
             Connection::connect(&opts.socket, opts.timeout).map_err(|e| proto("reconnect", e))?;
         conn.set_timeout(Some(opts.timeout))
             .map_err(|e| CheckError::Setup(format!("watchdog: {e}")))?;
-        conn.negotiate_blk()
+        negotiate(&mut conn, opts.reply_ack)
             .map_err(|e| proto("reconnect: feature negotiation", e))?;
         conn.set_mem_table(&self.shared.ram)
             .map_err(|e| proto("reconnect: SET_MEM_TABLE", e))?;
@@ -212,6 +249,10 @@ impl Target<'_> {
             .map_err(|e| proto("reconnect: SET_LOG_BASE", e))?;
         conn.set_log_all(true)
             .map_err(|e| proto("reconnect: LOG_ALL", e))?;
+        if self.shared.barrier {
+            conn.barrier()
+                .map_err(|e| proto("reconnect: barrier after LOG_ALL", e))?;
+        }
         self.shared.set_conn(Some(conn));
         let mut replies = Vec::new();
         for i in 0..self.workers.len() {
@@ -252,8 +293,9 @@ mod tests {
             [
                 (2, Fault::LogResize),
                 (4, Fault::MemTable),
-                (6, Fault::LogToggle),
-                (8, Fault::Reconnect)
+                (5, Fault::LogToggle),
+                (7, Fault::Reconnect),
+                (9, Fault::VringAddr)
             ]
         );
         // More faults than rounds: several in one round, none lost.

@@ -34,12 +34,32 @@
 //!    [`MigrationBitmap`](crate::vmm::MigrationBitmap) and copies the dirty pages, each taken
 //!    from the bitmap *before* it is copied (DESIGN.md invariant 2). `--deferred` uses
 //!    `fetch_log` and per-chunk clears instead of `sync_from_log`.
-//! 5. **Faults** ([`Fault`]) injected mid-run: a bigger log replacing the current one, memory
-//!    hot-add / hot-remove / a full `SET_MEM_TABLE`, `LOG_ALL` off and on, and a frontend
-//!    reconnect that resumes the rings from `GET_VRING_BASE`.
-//! 6. **Stop and compare.** Every ring is stopped with `GET_VRING_BASE`, the logs are merged a
-//!    last time and the dirty pages copied; after a settle time the destination is compared
-//!    with the source. Every differing page is a **lost page**.
+//!    With `--sync flip` ([`SyncMode::Flip`]) each round instead hands the backend a fresh log
+//!    with `SET_LOG_BASE` and merges the retired one with plain loads once the reply is in
+//!    ([`LogFlip`](crate::vmm::LogFlip)); the round trip and the merge are timed apart.
+//! 5. **Faults** ([`Fault`]) injected mid-run: a bigger log replacing the current one (with
+//!    flip sync: both logs grown), memory hot-add / hot-remove / a full `SET_MEM_TABLE`,
+//!    `LOG_ALL` off and on, a frontend reconnect that resumes the rings from
+//!    `GET_VRING_BASE`, and a `SET_VRING_ADDR` storm on the running rings until the end.
+//! 6. **Stop and compare.** Every ring is stopped with `GET_VRING_BASE` (QEMU's way) — or, with
+//!    `--vmm-style ch` ([`VmmStyle::Ch`], cloud-hypervisor's way), disabled with
+//!    `SET_VRING_ENABLE(0)` and followed by one more log flip whose new log is never read —,
+//!    the logs are merged a last time and the dirty pages copied; after a settle time the
+//!    destination is compared with the source. Every differing page is a **lost page**.
+//!
+//! ## Unacknowledged messages
+//! Without `REPLY_ACK` (`--no-reply-ack`, or a backend that does not offer it) only the few
+//! messages with replies are waited for. After every message that changes logging or memory
+//! (`SET_FEATURES`, `SET_VRING_ADDR`, `SET_MEM_TABLE`, `ADD_MEM_REG`, `REM_MEM_REG`,
+//! `SET_VRING_ENABLE`) the checker sends a `GET_FEATURES` round trip before it relies on them,
+//! as QEMU has done since 2021; otherwise it would copy RAM before the backend turned logging
+//! on and blame it for the writes in between (issue 13 item 4).
+//!
+//! ## Hangs
+//! A queue with requests in flight and no completion for [`CheckOptions::stall_timeout`]
+//! (default 2 s) fails the run with [`CheckError::Protocol`] naming the queue and the count, and
+//! so do requests still in flight when the backend answered the final stop (the report's
+//! [`StopStats`]; exit status [`EXIT_PROTOCOL`] unless pages were lost).
 //!
 //! ## Why the guest's own writes do not count against the backend
 //! The in-process guest driver writes guest memory too (descriptors, ring indices, request
@@ -52,7 +72,8 @@
 //!
 //! ## Exit status
 //! [`EXIT_OK`] (0), [`EXIT_LOST`] (1, lost pages), [`EXIT_PROTOCOL`] (2, the backend broke the
-//! protocol or the run could not complete), [`EXIT_UNSUPPORTED`] (3, no dirty logging),
+//! protocol, a queue hung, requests were in flight at the stop reply, or the run could not
+//! complete), [`EXIT_UNSUPPORTED`] (3, no dirty logging),
 //! [`EXIT_DATA`] (4, no lost page but reads returned wrong data), [`EXIT_USAGE`] (64).
 //!
 //! ```no_run
@@ -118,7 +139,7 @@ pub use error::{
     CheckError, EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL, EXIT_UNSUPPORTED, EXIT_USAGE,
 };
 pub use layout::{default_layout, parse_layout, parse_size};
-pub use options::{CheckOptions, Fault, Workload};
+pub use options::{CheckOptions, Fault, SyncMode, VmmStyle, Workload};
 pub use pattern::write_image;
 pub use report::{group, BackendInfo, FaultRecord, LostPage, Report, StopStats};
 pub use session::run;

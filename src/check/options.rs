@@ -73,15 +73,23 @@ pub enum Fault {
     /// The frontend stops every ring, disconnects, reconnects, sets everything up again
     /// (same log, `LOG_ALL` on) and resumes the rings from the `GET_VRING_BASE` index.
     Reconnect,
+    /// A `SET_VRING_ADDR` storm: from the time it is due until the final stop, after every
+    /// round the VMM re-sends the *same* ring addresses of every running ring
+    /// ([`CheckOptions::storm_burst`] times each; flags `VHOST_VRING_F_LOG` while `LOG_ALL` is
+    /// on, else 0), as QEMU does for every ring at every migration start, cancel and
+    /// completion (issue 13 item 1: a handler that re-reads the used index from guest memory
+    /// can wind a running ring back).
+    VringAddr,
 }
 
 impl Fault {
     /// Every fault, in the order `all` runs them.
-    pub const ALL: [Fault; 4] = [
+    pub const ALL: [Fault; 5] = [
         Fault::LogResize,
         Fault::MemTable,
         Fault::LogToggle,
         Fault::Reconnect,
+        Fault::VringAddr,
     ];
 
     /// The command-line name.
@@ -91,6 +99,7 @@ impl Fault {
             Fault::MemTable => "mem-table",
             Fault::LogToggle => "log-toggle",
             Fault::Reconnect => "reconnect",
+            Fault::VringAddr => "vring-addr",
         }
     }
 
@@ -106,7 +115,7 @@ impl Fault {
                     Ok(f) => out.push(f),
                     Err(_) => {
                         return Err(format!(
-                            "unknown fault {name:?} (log-resize, mem-table, log-toggle, reconnect, all, none)"
+                            "unknown fault {name:?} (log-resize, mem-table, log-toggle, reconnect, vring-addr, all, none)"
                         ))
                     }
                 },
@@ -131,15 +140,108 @@ impl fmt::Display for Fault {
 impl FromStr for Fault {
     type Err = String;
 
-    /// Parses one fault name (`log-resize`, `mem-table`, `log-toggle`, `reconnect`); lists
+    /// Parses one fault name (`log-resize`, `mem-table`, `log-toggle`, `reconnect`,
+    /// `vring-addr`); lists
     /// with `all` and `none` are [`Fault::parse_list`]'s.
     fn from_str(s: &str) -> Result<Self, String> {
         Fault::ALL
             .into_iter()
             .find(|f| f.name() == s.trim())
             .ok_or_else(|| {
-                format!("unknown fault {s:?} (log-resize, mem-table, log-toggle, reconnect)")
+                format!(
+                    "unknown fault {s:?} (log-resize, mem-table, log-toggle, reconnect, vring-addr)"
+                )
             })
+    }
+}
+
+/// How the VMM side reads the backend's log each round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// One log for the whole migration, consumed word by word with atomic swaps
+    /// ([`MigrationBitmap::sync_from_log`](crate::vmm::MigrationBitmap::sync_from_log); QEMU's
+    /// `vhost_dev_sync_region`).
+    Swap,
+    /// Two logs handed to the backend in turn with `SET_LOG_BASE` every round; the retired one
+    /// is merged with plain loads once the reply is in ([`LogFlip`](crate::vmm::LogFlip);
+    /// cloud-hypervisor's way).
+    Flip,
+}
+
+impl SyncMode {
+    /// Both modes, in the order the command line lists them.
+    pub const ALL: [SyncMode; 2] = [SyncMode::Swap, SyncMode::Flip];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncMode::Swap => "swap",
+            SyncMode::Flip => "flip",
+        }
+    }
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SyncMode {
+    type Err = String;
+
+    /// Parses `swap` or `flip`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        SyncMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s.trim())
+            .ok_or_else(|| format!("unknown sync mode {s:?} (swap, flip)"))
+    }
+}
+
+/// Whose way of migrating the VMM side plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmmStyle {
+    /// QEMU's: the rings are stopped with `GET_VRING_BASE` (`vhost_virtqueue_stop`), then the
+    /// log is synced a last time.
+    Qemu,
+    /// cloud-hypervisor's: flip sync every round; the final stop is `SET_VRING_ENABLE(0)` on
+    /// each ring followed by one more log flip (`SET_LOG_BASE` with a fresh log), the retired
+    /// log merged and the new one never read. (`GET_VRING_BASE` is sent afterwards only to
+    /// learn how many requests the backend had taken; the migration is over by then.)
+    Ch,
+}
+
+impl VmmStyle {
+    /// Both styles, in the order the command line lists them.
+    pub const ALL: [VmmStyle; 2] = [VmmStyle::Qemu, VmmStyle::Ch];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmmStyle::Qemu => "qemu",
+            VmmStyle::Ch => "ch",
+        }
+    }
+}
+
+impl fmt::Display for VmmStyle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for VmmStyle {
+    type Err = String;
+
+    /// Parses `qemu` or `ch`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        VmmStyle::ALL
+            .into_iter()
+            .find(|m| m.name() == s.trim())
+            .ok_or_else(|| format!("unknown VMM style {s:?} (qemu, ch)"))
     }
 }
 
@@ -191,6 +293,28 @@ pub struct CheckOptions {
     pub settle: Duration,
     /// Write a progress line to stderr.
     pub progress: bool,
+    /// Negotiate `VHOST_USER_PROTOCOL_F_REPLY_ACK` if the backend offers it. Without it, no
+    /// message except the few with replies (`GET_*`, `SET_LOG_BASE`) waits for the backend,
+    /// and the checker relies on [`barrier`](Self::barrier)s.
+    pub reply_ack: bool,
+    /// After unacknowledged messages that change logging or memory (`SET_FEATURES` with or
+    /// without `LOG_ALL`, `SET_VRING_ADDR`, `SET_MEM_TABLE`, `ADD_MEM_REG`, `REM_MEM_REG`,
+    /// `SET_VRING_ENABLE`), wait for a `GET_FEATURES` round trip before relying on them (as
+    /// QEMU's `vhost_user_set_features` / `vhost_user_set_vring_addr` have done since 2021).
+    /// Default on; off only reproduces issue 13 item 4 (a correct backend blamed for the race).
+    pub barrier: bool,
+    /// A queue with requests in flight and no completion for this long fails the run
+    /// ([`CheckError::Protocol`], naming the queue and the count). Far below
+    /// [`timeout`](Self::timeout), so a hang inside a short run is not missed.
+    pub stall_timeout: Duration,
+    /// How the log is read each round; `None`: [`SyncMode::Flip`] in [`VmmStyle::Ch`], else
+    /// [`SyncMode::Swap`].
+    pub sync: Option<SyncMode>,
+    /// Whose way of migrating to play.
+    pub vmm_style: VmmStyle,
+    /// `SET_VRING_ADDR` messages per running ring after every round of a
+    /// [`Fault::VringAddr`] storm.
+    pub storm_burst: u32,
 }
 
 impl CheckOptions {
@@ -220,7 +344,21 @@ impl CheckOptions {
             timeout: Duration::from_secs(10),
             settle: Duration::from_millis(200),
             progress: false,
+            reply_ack: true,
+            barrier: true,
+            stall_timeout: Duration::from_secs(2),
+            sync: None,
+            vmm_style: VmmStyle::Qemu,
+            storm_burst: 32,
         }
+    }
+
+    /// The sync mode in effect (see [`sync`](Self::sync)).
+    pub fn sync_mode(&self) -> SyncMode {
+        self.sync.unwrap_or(match self.vmm_style {
+            VmmStyle::Qemu => SyncMode::Swap,
+            VmmStyle::Ch => SyncMode::Flip,
+        })
     }
 
     /// Checks what can be checked without the backend.
@@ -256,6 +394,15 @@ impl CheckOptions {
         if self.layout.is_empty() {
             return bad("no guest memory regions");
         }
+        if self.stall_timeout.is_zero() {
+            return bad("--stall-timeout must be positive");
+        }
+        if self.vmm_style == VmmStyle::Ch && self.sync_mode() != SyncMode::Flip {
+            return bad("--vmm-style ch flips the log every round: it needs --sync flip");
+        }
+        if self.deferred && self.sync_mode() == SyncMode::Flip {
+            return bad("--deferred clears the log it fetched: it works with --sync swap only");
+        }
         Ok(())
     }
 }
@@ -288,6 +435,18 @@ mod tests {
         }
         let e = "all".parse::<Fault>().unwrap_err();
         assert!(e.contains("reconnect"), "{e}");
+        for m in SyncMode::ALL {
+            assert_eq!(m.name().parse::<SyncMode>(), Ok(m));
+        }
+        for v in VmmStyle::ALL {
+            assert_eq!(v.name().parse::<VmmStyle>(), Ok(v));
+        }
+        assert!("qemu"
+            .parse::<SyncMode>()
+            .unwrap_err()
+            .contains("swap, flip"));
+        assert!("kvm".parse::<VmmStyle>().unwrap_err().contains("qemu, ch"));
+        assert!(Fault::parse_list("vring-addr").unwrap() == [Fault::VringAddr]);
         let e = "random".parse::<Workload>().unwrap_err();
         assert!(e.contains("read, write, mixed"), "{e}");
     }
@@ -303,6 +462,16 @@ mod tests {
         let mut b = o.clone();
         b.min_io = 8192;
         b.max_io = 4096;
+        assert!(b.validate().is_err());
+        let mut b = o.clone();
+        b.vmm_style = VmmStyle::Ch;
+        assert_eq!(b.sync_mode(), SyncMode::Flip);
+        assert!(b.validate().is_ok());
+        b.sync = Some(SyncMode::Swap);
+        assert!(b.validate().is_err());
+        let mut b = o.clone();
+        b.sync = Some(SyncMode::Flip);
+        b.deferred = true;
         assert!(b.validate().is_err());
         let mut b = o;
         b.depth = 0;

@@ -61,6 +61,7 @@ impl Workers {
                 verify,
                 track,
                 timeout: opts.timeout,
+                stall_timeout: opts.stall_timeout,
             };
             let slots = share(&s.plan.slots, i, nq);
             let (tx, rx) = channel();

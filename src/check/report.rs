@@ -8,7 +8,7 @@ use std::fmt::Write;
 
 use super::dest::VmmStats;
 use super::error::{EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL};
-use super::options::{Fault, Workload};
+use super::options::{Fault, SyncMode, VmmStyle, Workload};
 use crate::log::LOG_PAGE_SHIFT;
 
 /// Lost pages listed one by one in a report ([`Report::lost_samples`]).
@@ -35,6 +35,8 @@ pub struct BackendInfo {
     pub event_idx: bool,
     /// `VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS` negotiated (hot-add with `ADD_MEM_REG`).
     pub mem_slots: bool,
+    /// `VHOST_USER_PROTOCOL_F_REPLY_ACK` negotiated (every message waits for its ack).
+    pub reply_ack: bool,
 }
 
 /// One injected fault.
@@ -63,11 +65,18 @@ pub struct LostPage {
     pub marked_late: bool,
 }
 
-/// How the backend behaved around the final `GET_VRING_BASE`.
+/// How the backend behaved around the final stop (`GET_VRING_BASE`, or
+/// `SET_VRING_ENABLE(0)` in [`VmmStyle::Ch`]).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct StopStats {
-    /// Requests the backend had taken but not completed when it replied (all queues).
+    /// The message that stopped the rings.
+    pub message: String,
+    /// Requests the backend had taken but not completed when it replied (all queues). Any
+    /// fails the run: the backend may complete them, writing guest memory, after the VMM's
+    /// last sync ([`EXIT_PROTOCOL`] unless pages were lost).
     pub inflight_at_stop: u64,
+    /// [`inflight_at_stop`](Self::inflight_at_stop) per queue (index = queue).
+    pub inflight_by_queue: Vec<u64>,
     /// Requests completed after the reply (all queues).
     pub completed_after_stop: u64,
     /// Requests the backend took from the ring after the reply (never allowed).
@@ -91,6 +100,10 @@ pub struct Report {
     pub depth: u16,
     /// The workload.
     pub workload: Workload,
+    /// Whose way of migrating was played.
+    pub vmm_style: VmmStyle,
+    /// How the log was read each round.
+    pub sync: SyncMode,
     /// Faults injected.
     pub faults: Vec<Fault>,
     /// Deferred clearing used.
@@ -222,6 +235,24 @@ impl Report {
                 ),
                 EXIT_LOST,
             )
+        } else if self.stop.inflight_at_stop > 0 {
+            let queues: Vec<String> = self
+                .stop
+                .inflight_by_queue
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(q, n)| format!("queue {q}: {n}"))
+                .collect();
+            (
+                format!(
+                    "FAIL: 0 lost pages, but {} request(s) were still in flight when the backend answered {} ({}): it may write guest memory after the VMM's last sync",
+                    self.stop.inflight_at_stop,
+                    self.stop.message,
+                    queues.join(", ")
+                ),
+                EXIT_PROTOCOL,
+            )
         } else if let Some(e) = &self.stop.error {
             (
                 format!(
@@ -296,7 +327,9 @@ impl Report {
         let v = &self.vmm;
         let _ = writeln!(
             s,
-            "  migration  {} rounds{}: {} pages marked by the backend's log, {} by the guest, {} copied; log {}",
+            "  migration  {} style, {} sync, {} rounds{}: {} pages marked by the backend's log, {} by the guest, {} copied; log {}",
+            self.vmm_style,
+            self.sync,
             v.rounds,
             if self.deferred { " (deferred clear)" } else { "" },
             group(v.pages_marked),
@@ -304,6 +337,17 @@ impl Report {
             group(v.pages_copied),
             size(self.log_bytes)
         );
+        if v.flips > 0 {
+            let _ = writeln!(
+                s,
+                "  log flips  {} SET_LOG_BASE round trips: {:.2} ms in all ({} us mean, {} us max); merging the retired logs: {:.2} ms",
+                v.flips,
+                v.flip_send_us as f64 / 1e3,
+                v.flip_send_us / v.flips,
+                v.flip_send_max_us,
+                v.flip_merge_us as f64 / 1e3
+            );
+        }
         for f in &self.fault_log {
             let _ = writeln!(
                 s,
@@ -314,8 +358,20 @@ impl Report {
         let st = &self.stop;
         let _ = writeln!(
             s,
-            "  stop       GET_VRING_BASE: {} request(s) still in flight at the reply, {} completed after it, {} taken after it",
-            st.inflight_at_stop, st.completed_after_stop, st.processed_after_stop
+            "  stop       {}: {} request(s) still in flight at the reply{}, {} completed after it, {} taken after it",
+            if st.message.is_empty() {
+                "GET_VRING_BASE"
+            } else {
+                &st.message
+            },
+            st.inflight_at_stop,
+            if st.inflight_at_stop > 0 {
+                format!(" (per queue {:?})", st.inflight_by_queue)
+            } else {
+                String::new()
+            },
+            st.completed_after_stop,
+            st.processed_after_stop
         );
         if let Some(e) = &st.error {
             let _ = writeln!(s, "             the backend failed during the stop: {e}");
@@ -386,6 +442,8 @@ mod tests {
             queue_size: 256,
             depth: 32,
             workload: Workload::Read,
+            vmm_style: VmmStyle::Qemu,
+            sync: SyncMode::Swap,
             faults: vec![Fault::Reconnect],
             deferred: false,
             seed: 1,
@@ -435,6 +493,24 @@ mod tests {
         r.conclude();
         assert_eq!(r.exit_code, EXIT_PROTOCOL);
         assert!(r.verdict.contains("gone"));
+        // Requests in flight at the stop reply fail the run, naming the queues.
+        let mut r = blank();
+        r.stop.message = "SET_VRING_ENABLE(0)".into();
+        r.stop.inflight_at_stop = 32;
+        r.stop.inflight_by_queue = vec![0, 32];
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_PROTOCOL);
+        assert!(
+            r.verdict
+                .contains("32 request(s) were still in flight when the backend answered SET_VRING_ENABLE(0) (queue 1: 32)"),
+            "{}",
+            r.verdict
+        );
+        assert!(r.summary().contains("(per queue [0, 32])"));
+        // Lost pages still take precedence (exit 1).
+        r.tally_lost(&[5], |_| ("data", false));
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_LOST);
     }
 
     #[test]

@@ -35,9 +35,37 @@ pub(super) struct Shared {
     pub logging: AtomicBool,
     /// A worker failed: the VMM thread stops the run.
     pub abort: AtomicBool,
+    /// Send a barrier after unacknowledged messages ([`CheckOptions::barrier`]).
+    pub barrier: bool,
+}
+
+/// The handshake of a run (and of a reconnect): [`Connection::negotiate_blk`]'s features, less
+/// `REPLY_ACK` unless `reply_ack`.
+pub(super) fn negotiate(conn: &mut Connection, reply_ack: bool) -> Result<u64, DriverError> {
+    if reply_ack {
+        return conn.negotiate_blk();
+    }
+    conn.negotiate(
+        !VhostUserVirtioFeatures::LOG_ALL.bits(),
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+    )
 }
 
 impl Shared {
+    /// A `GET_FEATURES` round trip ([`Connection::barrier`]) after messages the backend may
+    /// not have acknowledged (`what` names them for an error): once it returns, the backend
+    /// has processed them. Sent whether or not `REPLY_ACK` was negotiated (one round trip);
+    /// skipped only when [`CheckOptions::barrier`] is off.
+    pub fn barrier(&self, what: &str) -> Result<(), CheckError> {
+        if !self.barrier {
+            return Ok(());
+        }
+        self.call(&format!("barrier after {what}"), |c| c.barrier())
+    }
+
     /// The connection (locked).
     pub fn conn(&self) -> ConnGuard<'_> {
         ConnGuard(self.conn.lock().unwrap_or_else(|e| e.into_inner()))
@@ -69,7 +97,27 @@ impl Shared {
                 c.set_vring_addr_at(i, ram, *l)?;
             }
             Ok(())
-        })
+        })?;
+        self.barrier("SET_FEATURES (LOG_ALL) and SET_VRING_ADDR")
+    }
+
+    /// Re-sends the same addresses of the rings of `queues` `times` times each (a
+    /// `SET_VRING_ADDR` storm, flags as `LOG_ALL` dictates), then a barrier. Returns the
+    /// messages sent.
+    pub fn vring_addr_storm(&self, queues: &[QueueLayout], times: u32) -> Result<u64, CheckError> {
+        let ram = &self.ram;
+        let mut n = 0;
+        self.call("SET_VRING_ADDR (storm)", |c| {
+            for _ in 0..times {
+                for (i, l) in queues.iter().enumerate() {
+                    c.set_vring_addr_at(i, ram, *l)?;
+                    n += 1;
+                }
+            }
+            Ok(())
+        })?;
+        self.barrier("SET_VRING_ADDR (storm)")?;
+        Ok(n)
     }
 
     /// The used index the device of the ring at `queue` has published.
@@ -166,8 +214,7 @@ impl Rig {
             .map_err(|e| proto(&format!("cannot connect to {sock}"), e))?;
         conn.set_timeout(Some(opts.timeout))
             .map_err(|e| CheckError::Setup(format!("watchdog: {e}")))?;
-        conn.negotiate_blk()
-            .map_err(|e| proto("feature negotiation", e))?;
+        negotiate(&mut conn, opts.reply_ack).map_err(|e| proto("feature negotiation", e))?;
         let offered = conn.offered_features();
         require_logging(offered, conn.offered_protocol_features())?;
         let acked = conn.acked_features();
@@ -302,6 +349,7 @@ impl Rig {
             read_only,
             event_idx: conn.event_idx(),
             mem_slots: protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+            reply_ack: protocol.contains(VhostUserProtocolFeatures::REPLY_ACK),
         };
         let written =
             MigrationBitmap::new(plan.max_gpa_end().div_ceil(LOG_PAGE_SIZE)).map_err(vmm_err)?;
@@ -312,6 +360,7 @@ impl Rig {
                 written,
                 logging: AtomicBool::new(false),
                 abort: AtomicBool::new(false),
+                barrier: opts.barrier,
             }),
             plan,
             queues,

@@ -9,16 +9,16 @@ use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::dest::Vmm;
+use super::dest::{Logs, SendLog, Vmm};
 use super::error::{vmm_err, CheckError};
 use super::fault::{Schedule, Target};
-use super::options::CheckOptions;
+use super::options::{CheckOptions, Fault, SyncMode, VmmStyle};
 use super::plan::{slot_size, MemPlan};
 use super::pool::{recv, Workers};
 use super::report::{BackendInfo, FaultRecord, Report, StopStats};
 use super::rig::{Rig, Shared};
 use super::worker::Cmd;
-use crate::vmm::SharedLog;
+use crate::vmm::{LogFlip, SharedLog};
 
 /// Runs the check described by `opts` against the backend and returns its report.
 ///
@@ -31,10 +31,23 @@ pub fn run(opts: &CheckOptions) -> Result<Report, CheckError> {
     if opts.prepare.unwrap_or(!s.backend.read_only) {
         s.prepare(opts)?;
     }
-    let log = SharedLog::new(s.shared.ram.gpa_end()).map_err(vmm_err)?;
+    let gpa_end = s.shared.ram.gpa_end();
+    let logs = match opts.sync_mode() {
+        SyncMode::Swap => Logs::Swap(SharedLog::new(gpa_end).map_err(vmm_err)?),
+        SyncMode::Flip => {
+            let shared = s.shared.clone();
+            let send: SendLog = Box::new(move |region| {
+                shared.call("SET_LOG_BASE (log flip)", |c| c.set_log_base(region))
+            });
+            Logs::Flip {
+                logs: LogFlip::new(gpa_end).map_err(vmm_err)?,
+                send,
+            }
+        }
+    };
     let vmm = Vmm::new(
         s.shared.ram.clone(),
-        log,
+        logs,
         s.kvm.clone(),
         opts.deferred,
         opts.clear_chunk,
@@ -52,6 +65,7 @@ pub fn run(opts: &CheckOptions) -> Result<Report, CheckError> {
         start: Instant::now(),
         round: 0,
         progress: opts.progress && std::io::stderr().is_terminal(),
+        storm: None,
     };
     let res = r.migrate();
     if res.is_err() {
@@ -74,6 +88,8 @@ struct Run<'a> {
     start: Instant,
     round: u64,
     progress: bool,
+    /// A `SET_VRING_ADDR` storm is on: (index of its fault record, bursts, messages).
+    storm: Option<(usize, u64, u64)>,
 }
 
 impl Run<'_> {
@@ -108,6 +124,13 @@ impl Run<'_> {
             }
             self.shared.check_abort()?;
             self.vmm.round()?;
+            if let Some((_, bursts, msgs)) = &mut self.storm {
+                let queues = &self.plan.queues[..self.workers.len()];
+                *msgs += self
+                    .shared
+                    .vring_addr_storm(queues, self.opts.storm_burst)?;
+                *bursts += 1;
+            }
             let elapsed = self.start.elapsed();
             while let Some(f) = schedule.due(self.round, elapsed) {
                 let at_s = elapsed.as_secs_f64();
@@ -120,6 +143,10 @@ impl Run<'_> {
                     workers: &self.workers,
                 }
                 .inject(f)?;
+                if f == Fault::VringAddr && self.storm.is_none() {
+                    let msgs = (self.workers.len() as u64) * u64::from(self.opts.storm_burst);
+                    self.storm = Some((self.fault_log.len(), 1, msgs));
+                }
                 self.fault_log.push(FaultRecord {
                     fault: f,
                     at_s,
@@ -136,7 +163,18 @@ impl Run<'_> {
                 break;
             }
         }
-        let stop = self.final_stop()?;
+        let stop = match self.opts.vmm_style {
+            VmmStyle::Qemu => self.final_stop()?,
+            VmmStyle::Ch => self.final_stop_ch()?,
+        };
+        if let Some((at, bursts, msgs)) = self.storm {
+            if let Some(r) = self.fault_log.get_mut(at) {
+                r.detail = format!(
+                    "{}; {msgs} SET_VRING_ADDR in {bursts} burst(s) until the final stop",
+                    r.detail
+                );
+            }
+        }
         let elapsed = self.start.elapsed().as_secs_f64() - self.opts.settle.as_secs_f64();
         if self.progress {
             eprint!("\r\x1b[K");
@@ -155,6 +193,8 @@ impl Run<'_> {
             queue_size: self.opts.queue_size,
             depth: self.depth as u16,
             workload: self.opts.workload,
+            vmm_style: self.opts.vmm_style,
+            sync: self.opts.sync_mode(),
             faults: self.opts.faults.clone(),
             deferred: self.opts.deferred,
             seed: self.opts.seed,
@@ -226,7 +266,10 @@ impl Run<'_> {
     /// does not end the run: the rings it did stop are accounted for, the error is recorded,
     /// and the comparison still shows what its late writes did to guest memory.
     fn final_stop(&mut self) -> Result<StopStats, CheckError> {
-        let mut st = StopStats::default();
+        let mut st = StopStats {
+            message: "GET_VRING_BASE".into(),
+            ..StopStats::default()
+        };
         let mut stops = Vec::new();
         let mut replies = Vec::new();
         for i in 0..self.workers.len() {
@@ -256,17 +299,93 @@ impl Run<'_> {
         }
         self.vmm.round()?;
         std::thread::sleep(self.opts.settle);
+        self.account_stop(&mut st, &stops)?;
+        Ok(st)
+    }
+
+    /// Fills in `st` from each ring's `(base, used index at the stop reply)` (`None`: the
+    /// stop failed) and the used indices now.
+    fn account_stop(
+        &self,
+        st: &mut StopStats,
+        stops: &[Option<(u16, u16)>],
+    ) -> Result<(), CheckError> {
+        st.inflight_by_queue = vec![0; stops.len()];
         for (i, stop) in stops.iter().enumerate() {
             let Some((base, used)) = *stop else { continue };
-            st.inflight_at_stop += u64::from(base.wrapping_sub(used));
+            let allowed = base.wrapping_sub(used);
+            st.inflight_at_stop += u64::from(allowed);
+            st.inflight_by_queue[i] = u64::from(allowed);
             let after = self
                 .shared
                 .used_idx(&self.plan.queues[i])?
                 .wrapping_sub(used);
-            let allowed = base.wrapping_sub(used);
             st.completed_after_stop += u64::from(after.min(allowed));
             st.processed_after_stop += u64::from(after.saturating_sub(allowed));
         }
+        Ok(())
+    }
+
+    /// cloud-hypervisor's stop: `SET_VRING_ENABLE(0)` on every ring (each followed by a
+    /// barrier, which is its reply when `REPLY_ACK` is off), then one more log flip whose
+    /// retired log is merged and copied; the new log is never read. After the settle time,
+    /// `GET_VRING_BASE` tells how many requests the backend had taken: those not completed
+    /// when the disable was answered were in flight at the stop.
+    fn final_stop_ch(&mut self) -> Result<StopStats, CheckError> {
+        let mut st = StopStats {
+            message: "SET_VRING_ENABLE(0)".into(),
+            ..StopStats::default()
+        };
+        let mut used_at = Vec::new();
+        let mut replies = Vec::new();
+        for i in 0..self.workers.len() {
+            let r = self
+                .shared
+                .call("SET_VRING_ENABLE(0)", |c| c.set_vring_enable(i, false))
+                .and_then(|()| self.shared.barrier("SET_VRING_ENABLE(0)"));
+            match r {
+                Ok(()) => used_at.push(Some(self.shared.used_idx(&self.plan.queues[i])?)),
+                Err(e) => {
+                    st.error.get_or_insert_with(|| format!("queue {i}: {e}"));
+                    used_at.push(None);
+                }
+            }
+            let (tx, rx) = channel();
+            self.workers.send(
+                i,
+                Cmd::Stopped {
+                    base: 0,
+                    wait: false,
+                    reply: tx,
+                },
+            )?;
+            replies.push(rx);
+        }
+        for rx in replies {
+            recv(&rx, self.opts.timeout * 2, "stopping a ring")?;
+        }
+        // The last flip: the log written until now is retired and merged; the fresh one the
+        // backend gets is never read.
+        self.vmm.round()?;
+        std::thread::sleep(self.opts.settle);
+        let mut stops = Vec::new();
+        for (i, used) in used_at.iter().enumerate() {
+            let Some(used) = *used else {
+                stops.push(None);
+                continue;
+            };
+            match self
+                .shared
+                .call("GET_VRING_BASE (after the migration)", |c| c.stop_queue(i))
+            {
+                Ok(base) => stops.push(Some((base, used))),
+                Err(e) => {
+                    st.error.get_or_insert_with(|| format!("queue {i}: {e}"));
+                    stops.push(None);
+                }
+            }
+        }
+        self.account_stop(&mut st, &stops)?;
         Ok(st)
     }
 }

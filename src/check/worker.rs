@@ -63,6 +63,8 @@ pub(super) struct WorkerCfg {
     pub verify: bool,
     pub track: bool,
     pub timeout: Duration,
+    /// Requests in flight and no completion for this long: the queue hung (an error).
+    pub stall_timeout: Duration,
 }
 
 /// What the VMM thread tells a worker.
@@ -232,12 +234,14 @@ impl Worker {
                     last_progress = Instant::now();
                 }
                 Err(DriverError::Timeout(..)) => {
-                    if self.q.in_flight() > 0 && last_progress.elapsed() > self.cfg.timeout {
+                    let stall = self.cfg.stall_timeout.min(self.cfg.timeout);
+                    if self.q.in_flight() > 0 && last_progress.elapsed() > stall {
                         return Err(CheckError::Protocol(format!(
-                            "queue {}: backend stalled: {} request(s) in flight, none completed for {:?}",
+                            "queue {} hung: {} request(s) in flight (used index {}), none completed for {:?} (--stall-timeout)",
                             self.cfg.index,
                             self.q.in_flight(),
-                            self.cfg.timeout
+                            self.q.queue().last_used(),
+                            last_progress.elapsed()
                         )));
                     }
                 }
