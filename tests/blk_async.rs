@@ -1,4 +1,4 @@
-//! The io_uring dataplane (`src/blk/uring.rs`): quiescing with requests held in the disk, ring
+//! The io_uring dataplane (`src/blk/uring/`): quiescing with requests held in the disk, ring
 //! messages arriving while completions are pending, and the `--aio` option / fallback.
 //!
 //! Requests are held "in the disk" with the device's test hook

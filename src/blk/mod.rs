@@ -12,7 +12,10 @@
 //! - [`uring`]: the asynchronous dataplane (one io_uring per queue, up to the queue's depth in
 //!   the disk), and [`vring`]: the vring type whose disable waits for those requests.
 //! - [`BlkDevice`]: the [`VhostUserBackend`] (features, config space, one worker thread per
-//!   queue, EVENT_IDX, quiescing on `GET_VRING_BASE`).
+//!   queue, EVENT_IDX, quiescing on `GET_VRING_BASE`); its construction and synchronous
+//!   dataplane live here, its `VhostUserBackend` impl in `blk/backend.rs`, its settings
+//!   ([`BlkConfig`], `MAX_*`) in `blk/config.rs` and its counters ([`QueueStats`]) in
+//!   `blk/stats.rs`, all re-exported from this module.
 //! - [`daemon`]: the accept loop the `vhost-dirtylog-blk` program runs.
 //!
 //! ## Why every guest write is logged
@@ -37,10 +40,13 @@
 //! `stop_vring` and `SET_VRING_ENABLE(0)` ([`BlkVring`]'s `set_enabled`) wait until that count
 //! is zero, i.e. until every popped request completed, was marked and is in the used ring.
 
+mod backend;
+mod config;
 pub mod daemon;
 pub mod disk;
 pub mod io;
 pub mod request;
+mod stats;
 pub mod uring;
 pub mod vring;
 
@@ -49,162 +55,28 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringState};
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{ByteValued, Bytes, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{DirtyGuestMemory, DirtyLogBackend};
-use crate::log::LOG_PAGE_SHIFT;
-use crate::log::{DirtyLog, GuestDirtyBitmap};
-use crate::virtio_blk::{BlkConfigSpace, CONFIG_WCE_OFFSET, ID_BYTES};
+use crate::log::DirtyLog;
+use crate::virtio_blk::{BlkConfigSpace, ID_BYTES};
 use disk::Disk;
 use io::{DataPath, IoContext, Mem};
 use request::Limits;
 use uring::Engine;
+
+pub use config::{
+    parse_serial, BlkConfig, ConfigError, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_QUEUES,
+    MAX_QUEUE_SIZE,
+};
+pub use stats::QueueStats;
 pub use uring::{io_uring_available, AioMode};
 pub use vring::BlkVring;
-
-/// Largest queue size the device accepts.
-pub const MAX_QUEUE_SIZE: u16 = 1024;
-/// Most queues the device supports (one worker thread each; vhost-user-backend uses a 64-bit
-/// queue mask per thread).
-pub const MAX_QUEUES: u16 = 64;
-
-/// Per-segment sector limit advertised for discard and write-zeroes (2 GiB).
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
-/// Segments per discard / write-zeroes request.
-pub const MAX_DISCARD_SEG: u32 = 32;
-
-/// Device settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlkConfig {
-    /// Number of request queues (1..=64).
-    pub num_queues: u16,
-    /// Maximum queue size (a power of two, 2..=1024).
-    pub queue_size: u16,
-    /// `GET_ID` serial (at most 20 bytes; shorter is zero-padded).
-    pub serial: Vec<u8>,
-    /// Dataplane: io_uring (default when available) or synchronous.
-    pub aio: AioMode,
-}
-
-impl Default for BlkConfig {
-    fn default() -> Self {
-        BlkConfig {
-            num_queues: 1,
-            queue_size: 256,
-            serial: Vec::new(),
-            aio: AioMode::Auto,
-        }
-    }
-}
-
-/// Invalid device settings.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Queue count out of range.
-    #[error("number of queues must be between 1 and {MAX_QUEUES}, got {0}")]
-    NumQueues(u16),
-    /// Queue size not a power of two in range.
-    #[error("queue size must be a power of two between 2 and {MAX_QUEUE_SIZE}, got {0}")]
-    QueueSize(u16),
-    /// Serial too long.
-    #[error("serial must be at most 20 bytes, got {0}")]
-    Serial(usize),
-    /// `--aio io_uring` asked for but io_uring cannot be used.
-    #[error("--aio io_uring: {0}")]
-    Aio(String),
-}
-
-impl BlkConfig {
-    /// Checks the settings.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
-            return Err(ConfigError::NumQueues(self.num_queues));
-        }
-        if self.queue_size < 2
-            || self.queue_size > MAX_QUEUE_SIZE
-            || !self.queue_size.is_power_of_two()
-        {
-            return Err(ConfigError::QueueSize(self.queue_size));
-        }
-        if self.serial.len() > ID_BYTES {
-            return Err(ConfigError::Serial(self.serial.len()));
-        }
-        match self.aio {
-            AioMode::IoUring => io_uring_available().map_err(ConfigError::Aio)?,
-            // Probed (and its outcome logged) once per process.
-            AioMode::Auto => {
-                let _ = io_uring_available();
-            }
-            AioMode::Sync => {}
-        }
-        Ok(())
-    }
-}
-
-/// Counters of one queue.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Requests completed.
-    pub completed: u64,
-    /// Requests completed with an error status (or without a status byte).
-    pub errors: u64,
-    /// Reads/writes served zero-copy with `O_DIRECT`.
-    pub direct_zero_copy: u64,
-    /// Reads/writes served through an `O_DIRECT` bounce buffer.
-    pub direct_bounce: u64,
-    /// Times the ring was stopped (`GET_VRING_BASE`).
-    pub stops: u64,
-    /// Data bytes of completed reads and writes (and `GET_ID`), in either direction.
-    pub bytes: u64,
-    /// Guest pages (4 KiB) this queue wrote with dirty logging on: data of reads and `GET_ID`
-    /// plus the status byte's page, counted per request (a page written by two requests counts
-    /// twice). Used-ring entries are marked by the adapter and not counted here.
-    pub pages_marked: u64,
-}
-
-impl QueueStats {
-    /// Counts a completed request's bytes (if it succeeded) and, with logging on, the guest
-    /// pages it wrote: the data of reads / `GET_ID`, and the status byte's page.
-    pub(crate) fn account(&mut self, req: &request::Request, ok: bool, logging: bool) {
-        if ok {
-            self.bytes += req.data_len;
-        }
-        if logging {
-            if matches!(
-                req.kind,
-                request::RequestKind::Read | request::RequestKind::GetId
-            ) {
-                self.pages_marked += req
-                    .data
-                    .iter()
-                    .map(|s| page_span(s.addr.0, u64::from(s.len)))
-                    .sum::<u64>();
-            }
-            self.pages_marked += 1;
-        }
-    }
-
-    fn add(&mut self, o: &QueueStats) {
-        self.completed += o.completed;
-        self.errors += o.errors;
-        self.direct_zero_copy += o.direct_zero_copy;
-        self.direct_bounce += o.direct_bounce;
-        self.stops += o.stops;
-        self.bytes += o.bytes;
-        self.pages_marked += o.pages_marked;
-    }
-}
 
 /// One queue's state in the device.
 struct Queue {
@@ -628,245 +500,6 @@ impl BlkDevice {
     }
 }
 
-impl VhostUserBackend for BlkDevice {
-    type Bitmap = GuestDirtyBitmap;
-    type Vring = BlkVring;
-
-    fn num_queues(&self) -> usize {
-        usize::from(self.inner.config.num_queues)
-    }
-
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.inner.config.queue_size)
-    }
-
-    fn features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1)
-            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
-            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | (1u64 << VIRTIO_BLK_F_SEG_MAX)
-            | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
-            | (1u64 << VIRTIO_BLK_F_FLUSH)
-            | (1u64 << VIRTIO_BLK_F_CONFIG_WCE)
-            | (1u64 << VIRTIO_BLK_F_MQ);
-        if self.inner.disk.read_only() {
-            f |= 1u64 << VIRTIO_BLK_F_RO;
-        } else {
-            f |= (1u64 << VIRTIO_BLK_F_DISCARD) | (1u64 << VIRTIO_BLK_F_WRITE_ZEROES);
-        }
-        f
-    }
-
-    fn acked_features(&self, features: u64) {
-        self.inner.acked_features.store(features, Ordering::Relaxed);
-        // Without CONFIG_WCE (and FLUSH) the driver cannot manage a write cache: be writethrough.
-        if features & (1u64 << VIRTIO_BLK_F_FLUSH) == 0 {
-            self.inner.writeback.store(false, Ordering::Relaxed);
-        }
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
-    fn reset_device(&self) {
-        self.inner.writeback.store(true, Ordering::Relaxed);
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
-        self.inner.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // The frontend asks for as much of the config space as its feature set defines; bytes
-        // past our 96-byte layout read as zero. vhost checks offset + size <= 256.
-        let space = self.config_space();
-        let bytes = space.as_slice();
-        let (start, len) = (offset as usize, size as usize);
-        let mut out = vec![0u8; len];
-        if start < bytes.len() {
-            let n = len.min(bytes.len() - start);
-            out[..n].copy_from_slice(&bytes[start..start + n]);
-        }
-        out
-    }
-
-    fn set_config(&self, offset: u32, buf: &[u8]) -> IoResult<()> {
-        let acked = self.inner.acked_features.load(Ordering::Relaxed);
-        if acked & (1u64 << VIRTIO_BLK_F_CONFIG_WCE) == 0 {
-            return Err(IoError::new(
-                ErrorKind::PermissionDenied,
-                "config space is read-only without VIRTIO_BLK_F_CONFIG_WCE",
-            ));
-        }
-        if offset != CONFIG_WCE_OFFSET || buf.len() != 1 {
-            return Err(IoError::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "only the wce byte (offset {CONFIG_WCE_OFFSET}, 1 byte) is writable, got offset {offset} len {}",
-                    buf.len()
-                ),
-            ));
-        }
-        let wb = buf[0] != 0;
-        log::info!(
-            "write cache {}",
-            if wb { "writeback" } else { "writethrough" }
-        );
-        self.inner.writeback.store(wb, Ordering::Relaxed);
-        if !wb {
-            self.inner.disk.flush()?;
-        }
-        Ok(())
-    }
-
-    fn update_memory(&self, mem: DirtyGuestMemory) -> IoResult<()> {
-        *self.inner.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.num_queues()).map(|i| 1u64 << i).collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => {
-                use std::os::fd::AsRawFd;
-                self.inner
-                    .exit_fds
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(pair.0.as_raw_fd());
-                Some(pair)
-            }
-            Err(e) => {
-                log::error!("cannot create worker exit event: {e}");
-                None
-            }
-        }
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> IoResult<()> {
-        let q = self
-            .inner
-            .queues
-            .get(queue_index as usize)
-            .ok_or_else(|| IoError::new(ErrorKind::InvalidInput, "no such queue"))?;
-        // The synchronous worker holds this lock for as long as it touches the ring; the ring's
-        // ready bit is already clear, so once we hold it no batch is running or can start.
-        q.stats.lock().unwrap_or_else(|e| e.into_inner()).stops += 1;
-        // The asynchronous worker pops only while the ring is ready, under the ring lock, and
-        // counts what it popped before releasing it: wait for those to complete.
-        if let Some(e) = &q.engine {
-            let gate = e
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .vring()
-                .map(|v| v.gate().clone());
-            if let Some(g) = gate {
-                g.wait_idle("GET_VRING_BASE");
-            }
-        }
-        log::debug!("queue {queue_index}: stopped");
-        Ok(())
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[Self::Vring],
-        thread_id: usize,
-    ) -> IoResult<()> {
-        if evset != EventSet::IN {
-            // Returning an error would end this queue's worker thread for good.
-            log::warn!("queue {thread_id}: ignoring unexpected event set {evset:?}");
-            return Ok(());
-        }
-        // One queue per thread: the thread index is the queue index, its only vring event 0;
-        // `num_queues + 1` is the queue's io_uring completion event.
-        let qidx = thread_id;
-        let completion = u64::from(device_event) == u64::from(self.inner.config.num_queues) + 1;
-        let vring_idx = if completion { 0 } else { device_event as usize };
-        let (Some(vring), Some(q)) = (vrings.get(vring_idx), self.inner.queues.get(qidx)) else {
-            return Err(IoError::new(
-                ErrorKind::InvalidInput,
-                format!("event {device_event} on thread {thread_id} matches no queue"),
-            ));
-        };
-        if let (Some(engine), true) = (&q.engine, self.inner.attached.load(Ordering::Acquire)) {
-            let atomic = self
-                .inner
-                .mem
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let limits = self.limits();
-            let ctx = IoContext {
-                disk: &self.inner.disk,
-                log: &self.inner.log,
-                serial: &self.inner.serial,
-                writeback: self.inner.writeback.load(Ordering::Relaxed),
-            };
-            let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
-            let mut e = engine.lock().unwrap_or_else(|e| e.into_inner());
-            e.run(
-                vring,
-                &atomic,
-                &ctx,
-                &limits,
-                uring::RunFlags {
-                    event_idx,
-                    completion_event: completion,
-                },
-                qidx,
-            );
-            return Ok(());
-        }
-        if completion {
-            return Ok(());
-        }
-        let mut stats = q.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
-            return Ok(());
-        }
-        let atomic = self
-            .inner
-            .mem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mem = &atomic;
-        if self.inner.event_idx.load(Ordering::Relaxed) {
-            // Process until the driver added nothing new between our last pop and re-enabling
-            // notifications (the standard EVENT_IDX loop), so no kick is lost.
-            loop {
-                if let Err(e) = state.disable_notification() {
-                    log::warn!("queue {qidx}: cannot disable notifications: {e}");
-                }
-                self.process_queue(&mut state, mem, &mut stats, qidx);
-                match state.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        log::warn!("queue {qidx}: cannot enable notifications: {e}");
-                        break;
-                    }
-                }
-            }
-        } else {
-            self.process_queue(&mut state, mem, &mut stats, qidx);
-        }
-        Ok(())
-    }
-}
-
 impl Inner {
     fn drain_in_flight(&self) {
         let ctx = IoContext {
@@ -890,23 +523,10 @@ impl Drop for Inner {
     }
 }
 
-/// Number of 4 KiB log pages `[addr, addr + len)` touches (`len > 0`).
-pub(crate) fn page_span(addr: u64, len: u64) -> u64 {
-    let last = addr.saturating_add(len.saturating_sub(1));
-    (last >> LOG_PAGE_SHIFT) - (addr >> LOG_PAGE_SHIFT) + 1
-}
-
-/// Parses a serial given on the command line: at most 20 bytes.
-pub fn parse_serial(s: &str) -> Result<Vec<u8>, ConfigError> {
-    if s.len() > ID_BYTES {
-        return Err(ConfigError::Serial(s.len()));
-    }
-    Ok(s.as_bytes().to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::ByteValued;
 
     #[test]
     fn config_layout_is_byte_exact() {
@@ -926,21 +546,5 @@ mod tests {
         assert_eq!(&b[34..36], &3u16.to_le_bytes()); // num_queues
         assert_eq!(&b[36..40], &7u32.to_le_bytes()); // max_discard_sectors
         assert_eq!(b[56], 1); // write_zeroes_may_unmap
-    }
-
-    #[test]
-    fn config_validation() {
-        let mut c = BlkConfig::default();
-        assert!(c.validate().is_ok());
-        c.queue_size = 1000;
-        assert!(c.validate().is_err());
-        c.queue_size = 2048;
-        assert!(c.validate().is_err());
-        c.queue_size = 1024;
-        c.num_queues = 0;
-        assert!(c.validate().is_err());
-        c.num_queues = 65;
-        assert!(c.validate().is_err());
-        assert!(parse_serial("123456789012345678901").is_err());
     }
 }
