@@ -160,11 +160,96 @@ fn second_set_log_base_replaces_the_log() {
     let b = LogRegion::from_fd(second.as_fd(), 4096, 3 * size).unwrap();
     assert_eq!(logged(&a), vec![0]);
     assert_eq!(logged(&b), vec![5]);
+    let cur = backend.log().region().unwrap();
     assert_eq!(
-        backend.log().region().unwrap().len_bytes() as u64,
+        cur.capacity_bytes() as u64,
         3 * size,
         "the stock mapping's length must be recovered exactly"
     );
+    assert_eq!(
+        cur.len_bytes() as u64,
+        size,
+        "only what guest memory needs is put to use"
+    );
+}
+
+/// Issue 13, input 2: an oversized log is not allocated in full. Memory [0, 1 MiB) needs 32
+/// bytes of log; a sparse 4 GiB log is accepted at once and only what memory needs (plus the
+/// last page, to prove the fd long enough) is allocated. Before: all 4 GiB were populated
+/// (9.8 s, during which the handler answered nothing).
+#[test]
+fn oversized_log_is_mapped_lazily_and_absurd_log_is_refused() {
+    let (mut s, backend) = session();
+    s.set_mem_table(&[(0, MIB)]);
+    let big = 4u64 << 30;
+    let logfd = memfd("big", big).unwrap();
+    let t = std::time::Instant::now();
+    s.conn.set_log_fd(logfd.as_fd(), 0, big).unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "SET_LOG_BASE took {took:?}"
+    );
+    let allocated = allocated_bytes(&logfd);
+    assert!(
+        allocated <= 64 * 1024,
+        "{allocated} bytes of the log allocated"
+    );
+    let cur = backend.log().region().unwrap();
+    assert_eq!((cur.capacity_bytes() as u64, cur.len_bytes()), (big, 32));
+    // It logs like any other log, and grows with memory (ADD_MEM_REG far up).
+    s.conn.set_log_all(true).unwrap();
+    s.add_region(512 * MIB, MIB);
+    write(&s, 512 * MIB + PAGE, 1);
+    let vmm = LogRegion::from_fd(logfd.as_fd(), 0, big).unwrap();
+    assert!(vmm.test_page(512 * MIB / PAGE + 1));
+    assert!(allocated_bytes(&logfd) <= 128 * 1024);
+    let _ = s.finish();
+
+    // A log bigger than any guest-physical address space is refused with a clear error.
+    let (mut s, backend) = session();
+    s.set_mem_table(&[(0, MIB)]);
+    let absurd = vhost_dirtylog::log::MAX_LOG_BYTES + 4096;
+    let logfd = memfd("absurd", absurd).unwrap();
+    assert!(s.conn.set_log_fd(logfd.as_fd(), 0, absurd).is_err());
+    assert!(backend.log().region().is_none());
+    let _ = s.finish();
+}
+
+/// Bytes of a file actually allocated (`st_blocks`).
+fn allocated_bytes(f: &std::fs::File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().unwrap().blocks() * 512
+}
+
+/// Issue 13, input 3: memory added past the end of the log while logging is not lost.
+/// [0, 1 MiB) with a 32-byte log; LOG_ALL on; ADD_MEM_REG [8 MiB, 10 MiB) (or a whole new
+/// SET_MEM_TABLE); a device write at GPA 0x903000 (page 2307); then a bigger SET_LOG_BASE: page
+/// 2307 must be set in the new log. Before: set in neither log, only counted.
+#[test]
+fn write_past_the_log_is_carried_into_the_next_log() {
+    for whole_table in [false, true] {
+        let (mut s, backend) = session();
+        s.set_mem_table(&[(0, MIB)]);
+        let small = memfd("small", 32).unwrap();
+        s.conn.set_log_fd(small.as_fd(), 0, 32).unwrap();
+        s.conn.set_log_all(true).unwrap();
+        if whole_table {
+            s.set_mem_table(&[(0, MIB), (8 * MIB, 2 * MIB)]);
+        } else {
+            s.add_region(8 * MIB, 2 * MIB);
+        }
+        write(&s, 0x903000, 1);
+        assert_eq!(backend.log().stats().carried_ranges, 1);
+        let size = log_size_for(10 * MIB).unwrap();
+        assert_eq!(size, 320);
+        let bigger = memfd("bigger", 512).unwrap();
+        s.conn.set_log_fd(bigger.as_fd(), 0, 512).unwrap();
+        let vmm = LogRegion::from_fd(bigger.as_fd(), 0, 512).unwrap();
+        assert_eq!(logged(&vmm), vec![2307], "whole table: {whole_table}");
+        assert_eq!(backend.log().stats().carried_ranges, 0);
+        let _ = s.finish();
+    }
 }
 
 #[test]

@@ -215,6 +215,30 @@ where
             return Err(e);
         }
         GuestDirtyBitmap::bind_memory(&current, &self.log);
+        // The log is put to use only as far as guest memory reaches (DESIGN.md, "Oversized
+        // and undersized logs"): memory that grew needs more of it. If the log is too small,
+        // writes there are carried into the next log the frontend sends.
+        let gpa_end = current
+            .iter()
+            .map(|r| r.start_addr().raw_value().saturating_add(r.len()))
+            .max()
+            .unwrap_or(0);
+        match self.log.cover(gpa_end) {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Some(r) = self.log.region() {
+                    log::warn!(
+                        "guest memory reaches GPA {gpa_end:#x}, past the end of the log \
+                         (GPA < {:#x}); writes there are carried into the next log",
+                        r.covered_gpa_end()
+                    );
+                }
+            }
+            Err(e) => log::error!(
+                "guest memory reaches GPA {gpa_end:#x} but the log cannot grow to cover it \
+                 ({e}); writes there are carried into the next log"
+            ),
+        }
         *self.last_good.lock().unwrap_or_else(|p| p.into_inner()) = Some((*current).clone());
         self.inner.update_memory(mem)
     }

@@ -40,7 +40,7 @@ use vm_memory::{
 };
 
 use super::sync::{fence, AtomicBool, Mutex, OnceLock};
-use super::{DirtyLog, LogError, LogRegion, LOG_PAGE_SHIFT};
+use super::{DirtyLog, LogError, LogRegion, LOG_PAGE_SHIFT, LOG_PAGE_SIZE, MAX_LOG_BYTES};
 
 struct Binding {
     log: DirtyLog,
@@ -200,9 +200,14 @@ pub struct StockLogAttach {
 
 impl MemRegionBitmap for StockLogAttach {
     fn new<R: GuestMemoryRegion>(region: &R, logmem: Arc<MmapLogReg>) -> std::io::Result<Self> {
-        let len = stock_log_len(&logmem).ok_or(LogError::ZeroSize)?;
-        let log = LogRegion::from_stock(logmem, len)?;
-        log.prove_backed()?;
+        let capacity = stock_log_len(&logmem).ok_or(LogError::ZeroSize)?;
+        if capacity as u64 > MAX_LOG_BYTES {
+            return Err(LogError::Absurd {
+                size: capacity as u64,
+                max: MAX_LOG_BYTES,
+            }
+            .into());
+        }
         let end = region
             .start_addr()
             .raw_value()
@@ -211,7 +216,20 @@ impl MemRegionBitmap for StockLogAttach {
                 offset: region.start_addr().raw_value(),
                 size: region.len(),
             })?;
-        log.check_covers(end)?;
+        // Only the part of the log this region needs is mapped into use and proven backed:
+        // a log far bigger than guest memory (sparse, or hostile) costs nothing more. The
+        // view grows with guest memory (`DirtyLog::cover`).
+        let need = need_bytes(end);
+        if need > capacity as u64 {
+            return Err(LogError::TooSmall {
+                need,
+                have: capacity as u64,
+            }
+            .into());
+        }
+        let view = need.next_multiple_of(8).min(capacity as u64) as usize;
+        let log = LogRegion::from_stock(logmem, capacity, view)?;
+        log.prove_backed()?;
         Ok(StockLogAttach {
             region: Arc::new(log),
         })
@@ -237,17 +255,30 @@ impl BitmapReplace for GuestDirtyBitmap {
 
 /// The stock handler calls `replace` once per region with views of the same mapping: attach
 /// the first, skip the rest.
+/// A view of the same mapping is attached only if it is wider (regions further up in guest
+/// memory need more of the log).
 fn attach_if_new(log: &DirtyLog, region: Arc<LogRegion>) {
-    if log.region().is_some_and(|cur| cur.same_memory(&region)) {
-        return;
+    if let Some(cur) = log.region() {
+        if cur.same_mapping(&region) {
+            if cur.len_bytes() < region.len_bytes() {
+                log.replace_region(Some(region));
+            }
+            return;
+        }
     }
     log::info!(
-        "dirty log: attached log of {} bytes ({} pages, GPA < {:#x})",
+        "dirty log: attached log of {} bytes, {} in use ({} pages, GPA < {:#x})",
+        region.capacity_bytes(),
         region.len_bytes(),
         region.pages(),
         region.covered_gpa_end()
     );
     log.replace_region(Some(region));
+}
+
+/// Bytes of log (8 pages a byte) that cover guest-physical addresses `[0, gpa_end)`.
+pub(crate) fn need_bytes(gpa_end: u64) -> u64 {
+    gpa_end.div_ceil(LOG_PAGE_SIZE).div_ceil(8)
 }
 
 /// A region-shaped probe: only its start and length are ever looked at.

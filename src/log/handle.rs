@@ -9,7 +9,7 @@ use vhost::vhost_user::VhostUserVirtioFeatures;
 
 use super::rcu;
 use super::sync::{AtomicBool, AtomicPtr, AtomicU64, Mutex};
-use super::{LogRegion, LOG_PAGE_SHIFT};
+use super::{LogError, LogRegion, LOG_PAGE_SHIFT};
 
 #[derive(Default)]
 struct Shared {
@@ -32,6 +32,11 @@ struct Shared {
     marks_without_log: AtomicU64,
     /// Set by such a mark: the next attached log gets every page marked (see `no_log`).
     unlogged_writes: AtomicBool,
+    /// Page ranges (`first..=last`) of marks that reached past the end of the current log
+    /// while logging was on: memory added past the log's end until a bigger log arrives. They
+    /// are marked in the next log that covers them ([`DirtyLog::replace_region`]), so such a
+    /// write is carried over instead of lost. Only the cold out-of-range path locks it.
+    carried: Mutex<Vec<(u64, u64)>>,
     warned_range: AtomicBool,
     warned_nolog: AtomicBool,
 }
@@ -46,6 +51,9 @@ pub struct LogStats {
     pub out_of_range_marks: u64,
     /// Marks made with logging on but no log attached.
     pub marks_without_log: u64,
+    /// Page ranges past the end of the log still waiting for a log that covers them (marks
+    /// past the end are carried into the next log; see [`DirtyLog::replace_region`]).
+    pub carried_ranges: u64,
 }
 
 /// The handle a backend's dataplane marks written guest memory through.
@@ -136,21 +144,89 @@ impl DirtyLog {
             return;
         };
         if dropped != 0 {
-            self.out_of_range(gpa, len, dropped);
+            self.out_of_range(gpa, len, dropped, first_page, last_page);
         }
     }
 
+    /// A mark that reached past the end of the log: memory the current log does not cover
+    /// (added with `ADD_MEM_REG` / `SET_MEM_TABLE` while logging, before the frontend sends a
+    /// bigger log). The pages are remembered and marked in the next log that covers them, as
+    /// writes before the first log are (DESIGN.md invariant 1). Runs inside the caller's RCU
+    /// read section, so a `replace_region` that retires this log sees the range after its
+    /// grace period. At most [`MAX_CARRIED`] ranges are kept; past that they are merged into
+    /// one (over-marking is harmless, memory stays bounded).
     #[cold]
     #[inline(never)]
-    fn out_of_range(&self, gpa: u64, len: u64, pages: u64) {
+    fn out_of_range(&self, gpa: u64, len: u64, pages: u64, first_page: u64, last_page: u64) {
         let s = &self.shared;
         s.out_of_range_pages.fetch_add(pages, Ordering::Relaxed);
         s.out_of_range_marks.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut c = s.carried.lock().unwrap_or_else(|e| e.into_inner());
+            carry(&mut c, first_page, last_page);
+        }
         if !s.warned_range.swap(true, Ordering::Relaxed) {
             log::warn!(
                 "dirty log: mark of {len:#x} bytes at GPA {gpa:#x} reaches {pages} page(s) past the end of the log; \
-                 those pages are not logged (further occurrences are only counted)"
+                 they are carried into the next log that covers them (further occurrences are only counted)"
             );
+        }
+    }
+
+    /// Marks the carried ranges in `r` (a log just made current), keeping what `r` does not
+    /// cover for the next one. Called under `writer`, after the grace period that retired the
+    /// previous log, so every range recorded against it is here.
+    fn apply_carried(&self, r: &LogRegion) {
+        let mut c = self
+            .shared
+            .carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if c.is_empty() {
+            return;
+        }
+        let pages = r.pages();
+        let before = c.len();
+        c.retain_mut(|(first, last)| {
+            r.mark_pages(*first, *last);
+            *first = (*first).max(pages);
+            *first <= *last
+        });
+        log::info!(
+            "dirty log: {} carried page range(s) marked in the new log, {} still past its end",
+            before - c.len(),
+            c.len()
+        );
+    }
+
+    /// Makes the current log cover guest-physical addresses `[0, gpa_end)` if its mapping
+    /// allows: a stock-mapped log is put to use (and proven backed) only as far as guest
+    /// memory reaches, so when memory grows the view is widened here (the adapter calls this
+    /// from `update_memory`). Returns `Ok(true)` if the current log covers `gpa_end` now,
+    /// `Ok(false)` if there is no log or its mapping is too small (writes past it are carried
+    /// into the next log), and an error if the wider part of the mapping is not backed by its
+    /// file (nothing is marked there; writes past the proven part are carried instead).
+    pub fn cover(&self, gpa_end: u64) -> Result<bool, LogError> {
+        let Some(cur) = self.region() else {
+            return Ok(false);
+        };
+        let need = super::bitmap::need_bytes(gpa_end);
+        if need <= cur.len_bytes() as u64 {
+            return Ok(true);
+        }
+        let want = usize::try_from(need.next_multiple_of(8)).unwrap_or(usize::MAX);
+        match cur.widened(want) {
+            Some(Ok(wide)) => {
+                let covers = need <= wide.len_bytes() as u64;
+                log::info!(
+                    "dirty log: guest memory grew to GPA {gpa_end:#x}: {} bytes of the log in use",
+                    wide.len_bytes()
+                );
+                self.replace_region(Some(Arc::new(wide)));
+                Ok(covers)
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(false),
         }
     }
 
@@ -236,12 +312,21 @@ impl DirtyLog {
                 r.mark_pages(0, r.pages() - 1);
             }
         }
+        // SAFETY: as above: `new` is published and only a later replacement under `writer`
+        // (which we hold) could take its reference back, so it is live for this call.
+        let new_ref = unsafe { new.as_ref() };
         if old.is_null() {
+            if let Some(r) = new_ref {
+                self.apply_carried(r);
+            }
             return None;
         }
         // Grace period: every mark that could have loaded `old` has finished, and its
         // fetch_ors are visible to whoever we tell next (the frontend, through the reply).
         rcu::synchronize();
+        if let Some(r) = new_ref {
+            self.apply_carried(r);
+        }
         // SAFETY: `old` came from `Arc::into_raw` in an earlier call and, now unpublished and
         // past the grace period, no reader holds it: we take its reference back exactly once.
         Some(unsafe { Arc::from_raw(old) })
@@ -270,6 +355,7 @@ impl DirtyLog {
             out_of_range_pages: s.out_of_range_pages.load(Ordering::Relaxed),
             out_of_range_marks: s.out_of_range_marks.load(Ordering::Relaxed),
             marks_without_log: s.marks_without_log.load(Ordering::Relaxed),
+            carried_ranges: s.carried.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
         }
     }
 
@@ -277,6 +363,28 @@ impl DirtyLog {
     pub fn ptr_eq(&self, other: &DirtyLog) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
+}
+
+/// Most page ranges carried past the end of the log; more are merged into one.
+pub(crate) const MAX_CARRIED: usize = 256;
+
+/// Adds `first..=last` to the carried ranges, merging it with an overlapping or adjacent one,
+/// or, with [`MAX_CARRIED`] ranges already, merging everything into one range.
+fn carry(c: &mut Vec<(u64, u64)>, first: u64, last: u64) {
+    for r in c.iter_mut() {
+        if first <= r.1.saturating_add(1) && r.0 <= last.saturating_add(1) {
+            *r = (r.0.min(first), r.1.max(last));
+            return;
+        }
+    }
+    if c.len() < MAX_CARRIED {
+        c.push((first, last));
+        return;
+    }
+    let lo = c.iter().map(|r| r.0).min().unwrap_or(first).min(first);
+    let hi = c.iter().map(|r| r.1).max().unwrap_or(last).max(last);
+    c.clear();
+    c.push((lo, hi));
 }
 
 impl Drop for Shared {

@@ -51,6 +51,14 @@ pub fn log_size_for(gpa_end: u64) -> Option<u64> {
     Some(pages.div_ceil(64) * 8)
 }
 
+/// The largest log the backend accepts, in bytes: one that covers the whole 52-bit
+/// guest-physical address space (4 PiB, the most x86-64 and aarch64 can address: 2^40 pages,
+/// 2^37 bytes of log). A bigger log describes memory no guest can have; QEMU once computed a
+/// 512 TiB log from uninitialised ring fields. Logs up to this size are accepted but mapped
+/// lazily and proven backed only as far as guest memory reaches, so an oversized (sparse) log
+/// costs address space, not memory or time.
+pub const MAX_LOG_BYTES: u64 = 1 << 37;
+
 /// Why a log could not be attached or used.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -94,6 +102,17 @@ pub enum LogError {
         need: u64,
         /// Bytes present.
         have: u64,
+    },
+    /// The log is larger than any guest-physical address space ([`MAX_LOG_BYTES`]).
+    #[error(
+        "log of {size:#x} bytes covers more than the 52-bit guest-physical address space \
+         (at most {max:#x} bytes); refusing it"
+    )]
+    Absurd {
+        /// Size of the log mapping in bytes.
+        size: u64,
+        /// [`MAX_LOG_BYTES`].
+        max: u64,
     },
     /// Part of the mapped log has no file behind it (the fd is shorter than the mapping).
     #[error(

@@ -32,8 +32,13 @@ enum Owner {
         map_base: NonNull<u8>,
         map_len: usize,
     },
-    /// vhost-user-backend's handler mapped it; the `Arc` keeps that mapping alive.
-    Stock(#[allow(dead_code)] Arc<MmapLogReg>),
+    /// vhost-user-backend's handler mapped it; the `Arc` keeps that mapping alive. The region
+    /// is a view of the mapping's first `len` bytes; `capacity` is the mapping's length, of
+    /// which only the view has been proven backed (see [`LogRegion::widened`]).
+    Stock {
+        map: Arc<MmapLogReg>,
+        capacity: usize,
+    },
     /// Under `cfg(loom)` only: the log's words and tail bytes are loom's instrumented atomics
     /// (loom cannot observe accesses to raw memory), so the model checks run the real marking
     /// and merging code on them.
@@ -217,9 +222,15 @@ impl LogRegion {
         })
     }
 
-    /// Wraps a log that vhost-user-backend's stock handler mapped, once its usable length is
-    /// known and proven backed by the file (see `bitmap::stock_log_len`).
-    pub(crate) fn from_stock(log: Arc<MmapLogReg>, len: usize) -> Result<Self, LogError> {
+    /// A view of the first `len` bytes (at most `capacity`) of a log that vhost-user-backend's
+    /// stock handler mapped, `capacity` bytes long (see `bitmap::stock_log_len`). The caller
+    /// proves the view backed ([`prove_backed`](Self::prove_backed)) before marking through it.
+    pub(crate) fn from_stock(
+        log: Arc<MmapLogReg>,
+        capacity: usize,
+        len: usize,
+    ) -> Result<Self, LogError> {
+        let len = len.min(capacity);
         #[cfg(loom)]
         if len != 0 {
             return Err(LogError::Map(std::io::Error::other(
@@ -238,8 +249,44 @@ impl LogRegion {
         Ok(LogRegion {
             base,
             len,
-            owner: Owner::Stock(log),
+            owner: Owner::Stock { map: log, capacity },
         })
+    }
+
+    /// Length in bytes of the mapping this region is a view of (its [`len_bytes`] for every
+    /// region but a stock-mapped log's view).
+    ///
+    /// [`len_bytes`]: Self::len_bytes
+    pub fn capacity_bytes(&self) -> usize {
+        match &self.owner {
+            Owner::Stock { capacity, .. } => *capacity,
+            _ => self.len,
+        }
+    }
+
+    /// A wider view of the same stock-mapped log: its first `len` bytes (at most its
+    /// capacity), proven backed. `None` if this is not a stock-mapped view or it is already
+    /// that wide. Used when guest memory grows past the part of the log proven so far
+    /// (DESIGN.md: a log is proven only as far as guest memory needs).
+    pub(crate) fn widened(&self, len: usize) -> Option<Result<LogRegion, LogError>> {
+        let Owner::Stock { map, capacity } = &self.owner else {
+            return None;
+        };
+        if len.min(*capacity) <= self.len {
+            return None;
+        }
+        Some(
+            LogRegion::from_stock(map.clone(), *capacity, len).and_then(|r| {
+                r.prove_backed()?;
+                Ok(r)
+            }),
+        )
+    }
+
+    /// True if both regions start at the same log memory (views of one mapping, maybe of
+    /// different lengths).
+    pub(crate) fn same_mapping(&self, other: &LogRegion) -> bool {
+        self.base == other.base
     }
 
     /// Log length in bytes.
@@ -427,8 +474,12 @@ impl LogRegion {
             .collect()
     }
 
-    /// Touches every page of the log for writing, so a log whose file is shorter than its
-    /// mapping is reported now instead of raising `SIGBUS` on a later mark.
+    /// Proves the log backed by its file, so a log whose file is shorter than its mapping is
+    /// reported now instead of raising `SIGBUS` on a later mark: touches every page of the
+    /// view for writing, and the last page of the whole mapping. A file has no holes that
+    /// fault (holes read as zeros); only bytes past its end raise `SIGBUS`, so a backed last
+    /// page proves the whole mapping backed, while only the view (what guest memory needs) is
+    /// populated: an oversized sparse log costs one page, not its size.
     ///
     /// Uses `MADV_POPULATE_WRITE` (Linux 5.14+), which fails with `EFAULT` exactly where an
     /// access would raise `SIGBUS`. On older kernels (`EINVAL`) the check is skipped.
@@ -441,19 +492,31 @@ impl LogRegion {
         let start = self.base.as_ptr() as usize;
         let aligned = start - start % ps;
         let len = (start + self.len - aligned).next_multiple_of(ps);
-        // SAFETY: the range lies inside this region's mapping (rounded to whole pages of the
-        // same mapping); MADV_POPULATE_WRITE only faults pages in, it never changes contents.
-        let rc =
-            unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
-        if rc == 0 {
-            return Ok(());
+        populate(aligned, len)?;
+        let end = start + self.capacity_bytes();
+        if end > aligned + len {
+            let last = (end - 1) - (end - 1) % ps;
+            populate(last, ps)?;
         }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINVAL) | Some(libc::ENOSYS) => Ok(()),
-            Some(libc::EFAULT) | Some(libc::ENOMEM) => Err(LogError::NotBacked),
-            _ => Err(LogError::Map(err)),
-        }
+        Ok(())
+    }
+}
+
+/// `MADV_POPULATE_WRITE` over `[addr, addr + len)` (page-aligned, inside one of our log
+/// mappings).
+fn populate(addr: usize, len: usize) -> Result<(), LogError> {
+    // SAFETY: callers pass a page-aligned range inside a live log mapping (rounded to whole
+    // pages of the same mapping); MADV_POPULATE_WRITE only faults pages in, it never changes
+    // their contents.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => Ok(()),
+        Some(libc::EFAULT) | Some(libc::ENOMEM) => Err(LogError::NotBacked),
+        _ => Err(LogError::Map(err)),
     }
 }
 

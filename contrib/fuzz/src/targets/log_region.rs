@@ -262,6 +262,7 @@ fn error_name(e: &LogError) -> &'static str {
         LogError::PastEnd { .. } => "PastEnd",
         LogError::TooSmall { .. } => "TooSmall",
         LogError::NotBacked => "NotBacked",
+        LogError::Absurd { .. } => "Absurd",
         LogError::Stat(_) => "Stat",
         LogError::Map(_) => "Map",
     }
