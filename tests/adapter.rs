@@ -280,3 +280,23 @@ fn log_too_small_for_guest_memory_is_rejected() {
     assert!(backend.log().region().is_none());
     let _ = s.finish();
 }
+
+/// Fuzz finding F6 (backend_messages, after logs became lazily used): a write with LOG_ALL on
+/// and no log makes the next log all-dirty, also when the stock handler attaches it one
+/// growing view per region. Memory [0, 1 MiB) + [8 MiB, 8 MiB + 64 KiB), a write at GPA
+/// 0x803000 (page 2051) before any log: page 2051 must be set in the log.
+#[test]
+fn write_before_the_first_log_dirties_every_region_of_the_next_log() {
+    let (mut s, backend) = session();
+    s.set_mem_table(&[(0, MIB), (8 * MIB, 64 * 1024)]);
+    s.conn.set_log_all(true).unwrap();
+    write(&s, 0x803000, 1);
+    assert_eq!(backend.log().stats().marks_without_log, 1);
+    let size = log_size_for(8 * MIB + 64 * 1024).unwrap();
+    let logfd = memfd("log", size).unwrap();
+    s.conn.set_log_fd(logfd.as_fd(), 0, size).unwrap();
+    let vmm = LogRegion::from_fd(logfd.as_fd(), 0, size).unwrap();
+    assert!(vmm.test_page(0x803000 / PAGE), "the unlogged write's page");
+    assert_eq!(vmm.count_set(), vmm.pages(), "the whole log is dirty");
+    let _ = s.finish();
+}

@@ -20,7 +20,11 @@ struct Shared {
     /// stands for is released only after [`rcu::synchronize`], so a reader's pointer is live.
     current: AtomicPtr<LogRegion>,
     /// Serialises replacements (never taken on the mark path).
-    writer: Mutex<()>,
+    /// Under it: the base address of the log mapping that was made all-dirty because of
+    /// writes made with logging on and no log (`no_log`); wider views of that mapping attached
+    /// later (the stock handler attaches one view per region, growing) are made all-dirty over
+    /// their new part too.
+    writer: Mutex<Option<usize>>,
     /// Negative-control builds only: LOG_ALL is acknowledged but logging never turns on.
     #[cfg(feature = "test-drop-marks")]
     suppressed: AtomicBool,
@@ -298,18 +302,33 @@ impl DirtyLog {
     /// replies to the frontend, the old log holds every mark it will ever get and the VMM can
     /// drain it. Marks that start after the swap go to the new region.
     pub fn replace_region(&self, region: Option<Arc<LogRegion>>) -> Option<Arc<LogRegion>> {
-        let _w = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all_dirty = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
         let new = region.map_or(ptr::null_mut(), |r| Arc::into_raw(r) as *mut LogRegion);
         let old = self.shared.current.swap(new, Ordering::SeqCst);
         // SAFETY: `new` came from `Arc::into_raw` just above and we still own that reference
         // (it is published, and only a later replacement under `writer` takes it back).
         if let Some(r) = unsafe { new.as_ref() } {
+            // SAFETY: `old` is null or came from `Arc::into_raw` in an earlier call; we own
+            // that reference until we take it back below, so it is live here.
+            let old_ref = unsafe { old.as_ref() };
+            let widened_from = old_ref
+                .filter(|o| *all_dirty == Some(r.base_addr()) && o.same_mapping(r))
+                .map(|o| o.pages());
             if self.shared.unlogged_writes.swap(false, Ordering::SeqCst) {
                 log::warn!(
                     "dirty log: writes happened with logging on and no log; marking all {} pages of the new log",
                     r.pages()
                 );
                 r.mark_pages(0, r.pages() - 1);
+                *all_dirty = Some(r.base_addr());
+            } else if let Some(from) = widened_from {
+                // A wider view of the log that was made all-dirty: its new part too (the
+                // unlogged write may have been anywhere in guest memory).
+                if from < r.pages() {
+                    r.mark_pages(from, r.pages() - 1);
+                }
+            } else {
+                *all_dirty = None;
             }
         }
         // SAFETY: as above: `new` is published and only a later replacement under `writer`

@@ -289,6 +289,11 @@ impl LogRegion {
         self.base == other.base
     }
 
+    /// The address of the first log byte, as an identity of the mapping.
+    pub(crate) fn base_addr(&self) -> usize {
+        self.base.as_ptr() as usize
+    }
+
     /// Log length in bytes.
     pub fn len_bytes(&self) -> usize {
         self.len
