@@ -55,6 +55,34 @@ fn message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(non-string panic)".into())
 }
 
+/// Regressions for findings in `src/` that are reported and not fixed yet
+/// (`contrib/fuzz/README.md`): replayed, and must still fail, so the day the fix lands this
+/// test says to move the input back into the ordinary replay (delete its line here).
+const PENDING_SRC_FIX: &[(&str, &str)] = &[
+    // F6: a write with LOG_ALL on and no log, in the second region, then SET_LOG_BASE: only
+    // the first region's part of the log is marked all-dirty (page 2051 is lost).
+    ("backend_messages", "unlogged-write-in-second-region"),
+];
+
+fn pending(target: &str, path: &Path) -> bool {
+    PENDING_SRC_FIX
+        .iter()
+        .any(|&(t, name)| t == target && path == dir("artifacts-regressions", target).join(name))
+}
+
+#[test]
+fn pending_src_fixes_still_fail() {
+    for &(target, name) in PENDING_SRC_FIX {
+        let data = std::fs::read(dir("artifacts-regressions", target).join(name)).unwrap();
+        must_fail(
+            &format!("{target}/{name} passes now: remove it from PENDING_SRC_FIX"),
+            || {
+                targets::run(target, &data);
+            },
+        );
+    }
+}
+
 /// Replays all committed inputs of `target`; returns what they reached together.
 fn replay(target: &str) -> Reached {
     let all = inputs(target);
@@ -67,7 +95,7 @@ fn replay(target: &str) -> Reached {
         "the seed corpus of {target} is missing or too small"
     );
     let mut reached = Reached::default();
-    for (path, data) in &all {
+    for (path, data) in all.iter().filter(|(p, _)| !pending(target, p)) {
         match catch_unwind(AssertUnwindSafe(|| targets::run(target, data))) {
             Ok(r) => reached.absorb(&r),
             Err(p) => panic!("{}: {}", path.display(), message(&*p)),
@@ -181,6 +209,10 @@ fn replay_log_region() {
         "sync-took-bits",
         "fetch-saw-bits",
         "clear-pages",
+        "carry-marked",
+        "carry-overmarked",
+        "carry-merged",
+        "carry-still-past",
     ] {
         assert!(
             r.get(event) > 0,
@@ -222,6 +254,9 @@ fn replay_backend_messages() {
         "write-logged",
         "write-past-log",
         "log-attached-after-unlogged-writes",
+        "log-view-smaller",
+        "log-view-widened",
+        "carry-marked",
         "session",
     ] {
         assert!(
@@ -259,10 +294,24 @@ fn random_inputs_all_targets() {
 
 #[test]
 fn negative_control_log_region_detects_a_lost_mark() {
+    use targets::log_region::{exec, Fault};
     let input: targets::log_region::Input = seed_reaching("log_region", "mark-in-range");
-    targets::log_region::exec(&input, false);
+    exec(&input, Fault::None);
     must_fail("a mark cleared behind the log's back", || {
-        targets::log_region::exec(&input, true);
+        exec(&input, Fault::LoseMark);
+    });
+}
+
+/// Marks past the end of the log are carried into the next log that covers them: a carried
+/// page cleared from the new log right after the attach (as if the handle had dropped its
+/// carried marks) must fail the model.
+#[test]
+fn negative_control_log_region_detects_a_dropped_carry() {
+    use targets::log_region::{exec, Fault};
+    let input: targets::log_region::Input = seed_reaching("log_region", "carry-marked");
+    exec(&input, Fault::None);
+    must_fail("a carried page cleared from the next log", || {
+        exec(&input, Fault::DropCarried);
     });
 }
 
