@@ -326,10 +326,23 @@ fn negative_control_merge_detects_a_flipped_bit() {
 
 #[test]
 fn negative_control_backend_detects_a_wiped_log() {
+    use targets::backend_messages::{exec, Fault};
     let input: targets::backend_messages::Input = seed_reaching("backend_messages", "write-logged");
-    targets::backend_messages::exec(&input, false);
+    exec(&input, Fault::None);
     must_fail("the log wiped after a logged write", || {
-        targets::backend_messages::exec(&input, true);
+        exec(&input, Fault::WipeLog);
+    });
+}
+
+/// A write past the end of the log while logging is carried into the next log: a carried
+/// page cleared from that log right after `SET_LOG_BASE` must fail the model.
+#[test]
+fn negative_control_backend_detects_a_dropped_carry() {
+    use targets::backend_messages::{exec, Fault};
+    let input: targets::backend_messages::Input = seed_reaching("backend_messages", "carry-marked");
+    exec(&input, Fault::None);
+    must_fail("a carried page cleared from the next log", || {
+        exec(&input, Fault::DropCarried);
     });
 }
 
@@ -449,5 +462,34 @@ fn backend_sessions_leave_no_fds_or_threads_behind() {
         threads() < t0 + 20,
         "threads grew from {t0} to {}",
         threads()
+    );
+}
+
+/// Developer tool: `VDL_RATE=<target>[:<seconds>] cargo test --release --test fuzz_replay \
+/// exec_rate -- --ignored --nocapture` runs the committed inputs of a target round and round
+/// for that long (default 10 s) and prints executions per second: the harness's own cost,
+/// without libFuzzer, sanitizer or coverage instrumentation (profile it with `perf record`).
+#[test]
+#[ignore]
+fn exec_rate() {
+    let spec = std::env::var("VDL_RATE").expect("VDL_RATE=<target>[:<seconds>]");
+    let (target, secs) = spec.split_once(':').unwrap_or((&spec, "10"));
+    let secs: f64 = secs.parse().unwrap();
+    let all: Vec<_> = inputs(target)
+        .into_iter()
+        .filter(|(p, _)| !pending(target, p))
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed().as_secs_f64() < secs {
+        for (_, data) in &all {
+            targets::run(target, data);
+            n += 1;
+        }
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "{target}: {n} executions in {dt:.1} s: {:.0} exec/s",
+        n as f64 / dt
     );
 }
