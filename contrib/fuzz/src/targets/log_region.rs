@@ -29,6 +29,7 @@
 //! - the hull of the carried ranges when the handle merged them because it already held
 //!   `MAX_CARRIED` (256) ranges: observed as `stats().carried_ranges` falling from 256 to 1 on
 //!   a mark, and allowed only then, and only inside the hull.
+//!
 //! Right after an attach, the new log's bits at `may`-but-not-`must` pages are read back (either
 //! value is correct) and adopted into the model, so the model is exact again from there on.
 //! `carried_ranges` is checked against the model: 0 when nothing may be carried, at least 1

@@ -98,29 +98,20 @@ pub fn set_bits(bytes: &mut [u8], first: u64, last: u64) {
 pub struct PageSet(pub Vec<(u64, u64)>);
 
 impl PageSet {
-    /// Adds pages `first..=last` (`first <= last`).
+    /// Adds pages `first..=last` (`first <= last`). Binary searches and one `memmove`: the
+    /// scatter operations add hundreds of ranges per input.
     pub fn add(&mut self, first: u64, last: u64) {
-        let (mut lo, mut hi) = (first, last);
-        let mut out = Vec::with_capacity(self.0.len() + 1);
-        let mut placed = false;
-        for &(a, b) in &self.0 {
-            if b.saturating_add(1) < lo {
-                out.push((a, b));
-            } else if hi.saturating_add(1) < a {
-                if !placed {
-                    out.push((lo, hi));
-                    placed = true;
-                }
-                out.push((a, b));
-            } else {
-                lo = lo.min(a);
-                hi = hi.max(b);
-            }
+        let v = &mut self.0;
+        // Ranges before `i` end before `first - 1`; ranges from `j` on start after `last + 1`.
+        let i = v.partition_point(|&(_, b)| b.saturating_add(1) < first);
+        let j = v.partition_point(|&(a, _)| a <= last.saturating_add(1));
+        if i == j {
+            v.insert(i, (first, last));
+        } else {
+            let merged = (first.min(v[i].0), last.max(v[j - 1].1));
+            v[i] = merged;
+            v.drain(i + 1..j);
         }
-        if !placed {
-            out.push((lo, hi));
-        }
-        self.0 = out;
     }
 
     /// Whether the set is empty.
