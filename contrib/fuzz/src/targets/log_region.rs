@@ -16,6 +16,25 @@
 //! in-range page marked while logging was on with a log attached is found by the sync (or stays
 //! in the log, if it maps past the bitmap); out-of-range pages are counted and never written;
 //! nothing else is ever set, in the log range or anywhere else in the file.
+//!
+//! Marks past the end of the log while logging (memory added past the log before the frontend
+//! sends a bigger one) are counted *and carried*: the model keeps the pages such a mark reached
+//! past the end of the log it was made into (`must`), and the next log attached with
+//! `replace_region` must have every one of them that it covers set (checked right after the
+//! attach, and by every later comparison of the file); what it does not cover stays carried
+//! for the log after it. Over-marking is allowed in exactly two places, both a superset of
+//! `must` kept as `may`:
+//! - the head of a mark that straddles the end of the log (pages it covered, which were written
+//!   with logging on and set in that log too): the handle carries the whole range of the mark;
+//! - the hull of the carried ranges when the handle merged them because it already held
+//!   `MAX_CARRIED` (256) ranges: observed as `stats().carried_ranges` falling from 256 to 1 on
+//!   a mark, and allowed only then, and only inside the hull.
+//!
+//! Right after an attach, the new log's bits at `may`-but-not-`must` pages are read back (either
+//! value is correct) and adopted into the model, so the model is exact again from there on.
+//! `carried_ranges` is checked against the model: 0 when nothing may be carried, at least 1
+//! when something must be, never above 256, never falling on a mark except by that merge, and
+//! never rising on an attach.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -25,7 +44,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use vhost_dirtylog::log::{DirtyLog, LogError, LogRegion, LogStats};
 use vhost_dirtylog::vmm::{FetchedLog, MigrationBitmap, VmmError};
 
-use super::{file_bytes, memfd, Reached};
+use super::{file_bytes, memfd, PageSet, Reached};
 
 /// Largest log the target attaches successfully (bytes): 512 Ki pages, 2 GiB of guest memory.
 pub const MAX_LOG: u64 = 64 * 1024;
@@ -33,6 +52,20 @@ const MAX_FILE: u64 = MAX_LOG + 4096;
 const MAX_FILES: usize = 6;
 const MAX_OPS: usize = 48;
 const PAGE_SHIFT: u32 = 12;
+/// Most ranges the handle carries before it merges them (`log::handle::MAX_CARRIED`).
+pub const MAX_CARRIED: u64 = 256;
+
+/// A fault injected behind the code's back, for the negative controls: the checks must fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// None: the real check.
+    None,
+    /// The first page a mark sets is cleared from the memfd.
+    LoseMark,
+    /// The first carried page the handle marks in a new log is cleared from the memfd right
+    /// after the attach (as if the handle had dropped its carried marks).
+    DropCarried,
+}
 
 /// One fuzz input.
 #[derive(Arbitrary, Debug)]
@@ -163,22 +196,33 @@ pub enum Op {
         /// Number of pages.
         npages: u32,
     },
+    /// Many one-byte marks on separate pages past the current log's end (`count` modulo 400,
+    /// `stride + 2` pages apart, from `skip` pages past the end): enough disjoint carried
+    /// ranges to make the handle merge them (more than `MAX_CARRIED`).
+    Scatter {
+        /// Pages past the end of the current log where the first mark lands (reduced).
+        skip: u16,
+        /// Gap between marks, minus 2 (so no two are adjacent).
+        stride: u8,
+        /// Number of marks (modulo 400).
+        count: u16,
+    },
 }
 
 /// Decodes `data` and runs it.
 pub fn run(data: &[u8]) -> Reached {
     match Input::arbitrary_take_rest(Unstructured::new(data)) {
-        Ok(input) => exec(&input, false),
+        Ok(input) => exec(&input, Fault::None),
         Err(_) => Reached::default(),
     }
 }
 
-/// Runs `input`. With `lose_mark`, the first page a mark sets is cleared behind the code's back
-/// (a negative control: the checks must then fail).
-pub fn exec(input: &Input, lose_mark: bool) -> Reached {
+/// Runs `input` with `fault` injected (negative controls: any fault must make the checks fail).
+pub fn exec(input: &Input, fault: Fault) -> Reached {
     let mut st = State::new(input.bitmap_pages as u64 % (MAX_LOG * 8 + 1025));
+    st.fault = fault;
     for op in input.ops.iter().take(MAX_OPS) {
-        st.apply(op, lose_mark);
+        st.apply(op);
     }
     st.check_all();
     st.reached
@@ -231,6 +275,12 @@ struct State {
     lost: bool,
     /// A mark was made with logging on and no log: the next attached log is all dirty.
     unlogged: bool,
+    /// Pages marked past the end of the log while logging: the next log that covers one must
+    /// have it set.
+    must: PageSet,
+    /// `must` plus where the handle may over-mark (see the module documentation).
+    may: PageSet,
+    fault: Fault,
 }
 
 /// The outcome `LogRegion::from_fd` must have, from the documented rules.
@@ -251,6 +301,15 @@ fn expected_attach(offset: u64, size: u64, file_len: u64) -> Result<(), &'static
         return Err("PastEnd");
     }
     Ok(())
+}
+
+/// Clears bit `bit` of `file` behind the code's back (negative controls).
+fn clear_file_bit(file: &File, bit: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8];
+    file.read_exact_at(&mut b, bit / 8).unwrap();
+    b[0] &= !(1 << (bit % 8));
+    file.write_all_at(&b, bit / 8).unwrap();
 }
 
 fn error_name(e: &LogError) -> &'static str {
@@ -284,6 +343,9 @@ impl State {
             reached: Reached::default(),
             lost: false,
             unlogged: false,
+            must: PageSet::default(),
+            may: PageSet::default(),
+            fault: Fault::None,
         }
     }
 
@@ -309,7 +371,7 @@ impl State {
         }
     }
 
-    fn apply(&mut self, op: &Op, lose_mark: bool) {
+    fn apply(&mut self, op: &Op) {
         match op {
             Op::Attach { file, offset, size } => self.attach(file, offset, size),
             Op::Detach => {
@@ -323,7 +385,22 @@ impl State {
                 self.logging = *on;
                 assert_eq!(self.dl.is_logging(), *on);
             }
-            Op::Mark { gpa, len } => self.mark(gpa, len, lose_mark),
+            Op::Mark { gpa, len } => self.mark(gpa, len),
+            Op::Scatter {
+                skip,
+                stride,
+                count,
+            } => {
+                let end = self
+                    .current
+                    .as_ref()
+                    .map_or(0, |(i, _)| self.logs[*i].pages());
+                let step = *stride as u64 + 2;
+                for k in 0..(*count % 400) as u64 {
+                    let page = end + (*skip as u64 % 4096) + k * step;
+                    self.mark_at(page << PAGE_SHIFT, 1);
+                }
+            }
             Op::Sync { log } => self.sync(*log),
             Op::Fetch { log } => self.fetch(*log),
             Op::ClearFetched { chunk } => self.clear_fetched(*chunk),
@@ -395,13 +472,14 @@ impl State {
             super::set_bits(&mut self.files[f].model, first, last);
             self.reached.hit("attach-after-unlogged-writes");
         }
+        self.apply_carried(self.logs.len() - 1);
         self.reached.hit("attach");
         if size % 8 != 0 {
             self.reached.hit("attach-tail");
         }
     }
 
-    fn mark(&mut self, gpa: &Gpa, len: &Len, lose_mark: bool) {
+    fn mark(&mut self, gpa: &Gpa, len: &Len) {
         let cur_pages = self
             .current
             .as_ref()
@@ -421,6 +499,11 @@ impl State {
             Len::Pages(p) => p as u64 * 4096,
             Len::Raw(r) => r,
         };
+        self.mark_at(gpa, len);
+    }
+
+    fn mark_at(&mut self, gpa: u64, len: u64) {
+        let lose_mark = self.fault == Fault::LoseMark;
         self.dl.mark(gpa, len);
 
         // The model.
@@ -450,19 +533,20 @@ impl State {
                         if lose_mark && !self.lost {
                             // Negative control: the mark "gets lost" on its way to the log.
                             self.lost = true;
-                            use std::os::unix::fs::FileExt;
-                            let byte = log.bit(fp) / 8;
-                            let mut b = [0u8];
-                            let file = &self.files[log.file].file;
-                            file.read_exact_at(&mut b, byte).unwrap();
-                            b[0] &= !(1 << (log.bit(fp) % 8));
-                            file.write_all_at(&b, byte).unwrap();
+                            clear_file_bit(&self.files[log.file].file, log.bit(fp));
                         }
                     }
                     if dropped != 0 {
                         self.stats.out_of_range_pages += dropped;
                         self.stats.out_of_range_marks += 1;
                         self.reached.hit("mark-out-of-range");
+                        // Carried: the pages past the end must reach the next log that
+                        // covers them; the head of a straddling mark may.
+                        if lp >= pages {
+                            self.must.add(fp.max(pages), lp);
+                        }
+                        self.may.add(fp, lp);
+                        self.check_carried_after_mark();
                     }
                 }
             }
@@ -474,6 +558,92 @@ impl State {
             self.stats,
             "after mark({gpa:#x}, {len:#x})"
         );
+    }
+
+    /// After a mark that carried pages: `carried_ranges` never falls except when the handle,
+    /// already holding `MAX_CARRIED` ranges, merges them into their hull; only then may the
+    /// next logs be over-marked inside that hull.
+    fn check_carried_after_mark(&mut self) {
+        let before = self.stats.carried_ranges;
+        let now = self.dl.stats().carried_ranges;
+        assert!(
+            (1..=MAX_CARRIED).contains(&now),
+            "carried_ranges {now} after a mark past the end (was {before})"
+        );
+        if now < before {
+            assert!(
+                before == MAX_CARRIED && now == 1,
+                "carried_ranges fell from {before} to {now} on a mark (only a merge of \
+                 {MAX_CARRIED} ranges into one may do that)"
+            );
+            self.may.hull();
+            self.reached.hit("carry-merged");
+        }
+        self.stats.carried_ranges = now;
+    }
+
+    /// The log `li` was just attached: every carried page it covers must be set in it; pages
+    /// the handle may over-mark are read back and adopted; the rest stays carried.
+    fn apply_carried(&mut self, li: usize) {
+        let log = &self.logs[li];
+        let (f, pages) = (log.file, log.pages());
+        let must = self.must.below(pages);
+        if self.fault == Fault::DropCarried && !self.lost {
+            if let Some(&(p, _)) = must.first() {
+                self.lost = true;
+                clear_file_bit(&self.files[f].file, log.bit(p));
+            }
+        }
+        for &(a, b) in &must {
+            super::set_bits(&mut self.files[f].model, log.bit(a), log.bit(b));
+        }
+        let may = self.may.below(pages);
+        if may != must {
+            // Pages the handle may or may not have set: adopt what it did.
+            let got = file_bytes(&self.files[f].file);
+            let model = &mut self.files[f].model;
+            let mut adopted = false;
+            for &(a, b) in &may {
+                let (first, last) = (log.bit(a), log.bit(b));
+                let (b0, b1) = ((first / 8) as usize, (last / 8) as usize);
+                for (i, byte) in model[b0..=b1].iter_mut().enumerate() {
+                    let i = b0 + i;
+                    let lo = if i == b0 { first % 8 } else { 0 };
+                    let hi = if i == b1 { last % 8 } else { 7 };
+                    let mask = ((0xffu16 << lo) & (0xffu16 >> (7 - hi))) as u8;
+                    adopted |= got[i] & mask & !*byte != 0;
+                    *byte |= got[i] & mask;
+                }
+            }
+            if adopted {
+                self.reached.hit("carry-overmarked");
+            }
+        }
+        if !must.is_empty() {
+            self.reached.hit("carry-marked");
+        }
+        self.check_file(f);
+        self.must.remove_below(pages);
+        self.may.remove_below(pages);
+        if !self.must.is_empty() {
+            self.reached.hit("carry-still-past");
+        }
+        let before = self.stats.carried_ranges;
+        let now = self.dl.stats().carried_ranges;
+        assert!(
+            now <= before,
+            "carried_ranges rose from {before} to {now} on an attach"
+        );
+        assert!(
+            self.must.is_empty() || now >= 1,
+            "pages still past the end of the new log ({:?}) but nothing carried",
+            self.must.0.first()
+        );
+        assert!(
+            !self.may.is_empty() || now == 0,
+            "{now} ranges carried, but the new log covers every page marked past an earlier one"
+        );
+        self.stats.carried_ranges = now;
     }
 
     fn pick(&self, log: u8) -> Option<usize> {

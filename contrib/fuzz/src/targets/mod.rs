@@ -91,3 +91,60 @@ pub fn set_bits(bytes: &mut [u8], first: u64, last: u64) {
         }
     }
 }
+
+/// A set of page numbers as sorted, disjoint, non-adjacent inclusive ranges: the models' view
+/// of the pages a [`DirtyLog`](vhost_dirtylog::log::DirtyLog) carries past the end of its log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PageSet(pub Vec<(u64, u64)>);
+
+impl PageSet {
+    /// Adds pages `first..=last` (`first <= last`). Binary searches and one `memmove`: the
+    /// scatter operations add hundreds of ranges per input.
+    pub fn add(&mut self, first: u64, last: u64) {
+        let v = &mut self.0;
+        // Ranges before `i` end before `first - 1`; ranges from `j` on start after `last + 1`.
+        let i = v.partition_point(|&(_, b)| b.saturating_add(1) < first);
+        let j = v.partition_point(|&(a, _)| a <= last.saturating_add(1));
+        if i == j {
+            v.insert(i, (first, last));
+        } else {
+            let merged = (first.min(v[i].0), last.max(v[j - 1].1));
+            v[i] = merged;
+            v.drain(i + 1..j);
+        }
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Replaces the set by its hull (one range from its lowest to its highest page).
+    pub fn hull(&mut self) {
+        if let (Some(&(lo, _)), Some(&(_, hi))) = (self.0.first(), self.0.last()) {
+            self.0 = vec![(lo, hi)];
+        }
+    }
+
+    /// Removes every page below `end`.
+    pub fn remove_below(&mut self, end: u64) {
+        self.0.retain_mut(|(a, b)| {
+            *a = (*a).max(end);
+            *a <= *b
+        });
+    }
+
+    /// The ranges of the set that lie below `end`, clipped to it.
+    pub fn below(&self, end: u64) -> Vec<(u64, u64)> {
+        self.0
+            .iter()
+            .filter(|&&(a, _)| a < end)
+            .map(|&(a, b)| (a, b.min(end - 1)))
+            .collect()
+    }
+
+    /// Whether page `p` is in the set.
+    pub fn contains(&self, p: u64) -> bool {
+        self.0.iter().any(|&(a, b)| a <= p && p <= b)
+    }
+}

@@ -104,7 +104,7 @@ enc_enum!(lr::Gpa, 3, {
 enc_enum!(lr::Len, 3, {
     lr::Len::Bytes(v) => 0, [v], lr::Len::Pages(v) => 1, [v], lr::Len::Raw(v) => 2, [v]
 });
-enc_enum!(lr::Op, 10, {
+enc_enum!(lr::Op, 11, {
     lr::Op::Attach { file, offset, size } => 0, [file, offset, size],
     lr::Op::Detach => 1, [],
     lr::Op::Logging(on) => 2, [on],
@@ -115,6 +115,7 @@ enc_enum!(lr::Op, 10, {
     lr::Op::ClearPages { first, npages } => 7, [first, npages],
     lr::Op::ClearWrongLog { log } => 8, [log],
     lr::Op::Send { first, npages } => 9, [first, npages],
+    lr::Op::Scatter { skip, stride, count } => 10, [skip, stride, count],
 });
 
 fn enc_log_region(i: &lr::Input) -> Vec<u8> {
@@ -507,7 +508,36 @@ fn log_region_seeds() -> Vec<Seed> {
             Sync { log: 0 },
         ],
     };
+    // Memory added past the end of the log while logging: the marks are carried into the next
+    // log that covers them (a straddling mark, one far past, then enough scattered ones to make
+    // the handle merge its ranges), a log that covers only part, a detach, then one that covers
+    // the rest.
+    let carry = lr::Input {
+        bitmap_pages: 8192,
+        ops: vec![
+            attach(4096, 0, Size::Words(4)),
+            Logging(true),
+            mark(250, 0, Len::Pages(10)),
+            mark(3000, 5, Len::Bytes(1)),
+            Scatter {
+                skip: 1000,
+                stride: 1,
+                count: 300,
+            },
+            attach(8192, 0, Size::Words(32)),
+            Sync { log: 1 },
+            mark(5000, 0, Len::Bytes(1)),
+            Detach,
+            attach(16384, 0, Size::Words(128)),
+            Sync { log: 2 },
+            Send {
+                first: 0,
+                npages: u32::MAX,
+            },
+        ],
+    };
     vec![
+        seed("carry", &carry, enc_log_region),
         seed("basic", &basic, enc_log_region),
         seed("tail-and-replace", &tail_and_replace, enc_log_region),
         seed("deferred", &deferred, enc_log_region),
@@ -742,6 +772,25 @@ fn backend_seeds() -> Vec<Seed> {
             },
         ],
     };
+    // A log bigger than guest memory is put to use only as far as memory reaches, widened
+    // when memory grows; a write past its mapping is carried into the next log.
+    let view = bm::Input {
+        ops: vec![
+            MemTable(vec![region(0, 255)]),
+            log(LogSize::Words(64)),
+            Features {
+                log_all: true,
+                junk: None,
+            },
+            AddRegion(region(8, 255)),
+            write(1, 0x3000, 1),
+            AddRegion(region(32, 3)),
+            write(2, 0x1000, 1),
+            write(0, 0x2000, 1),
+            log(LogSize::Exact),
+            write(2, 0x2000, 1),
+        ],
+    };
     let rings = bm::Input {
         ops: vec![
             MemTable(vec![region(0, 255)]),
@@ -796,6 +845,7 @@ fn backend_seeds() -> Vec<Seed> {
         seed("hostile-logs", &hostile_logs, enc_backend),
         seed("past-log", &past_log, enc_backend),
         seed("rings", &rings, enc_backend),
+        seed("log-view", &view, enc_backend),
     ]
 }
 
