@@ -59,9 +59,8 @@ fn message(p: &(dyn std::any::Any + Send)) -> String {
 /// (`contrib/fuzz/README.md`): replayed, and must still fail, so the day the fix lands this
 /// test says to move the input back into the ordinary replay (delete its line here).
 const PENDING_SRC_FIX: &[(&str, &str)] = &[
-    // F6: a write with LOG_ALL on and no log, in the second region, then SET_LOG_BASE: only
-    // the first region's part of the log is marked all-dirty (page 2051 is lost).
-    ("backend_messages", "unlogged-write-in-second-region"),
+    // (none: F6, `backend_messages/unlogged-write-in-second-region`, is fixed in src/log and
+    // replayed as an ordinary regression)
 ];
 
 fn pending(target: &str, path: &Path) -> bool {
