@@ -159,7 +159,7 @@ impl BlkServer {
             let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
             for (i, t) in totals.iter_mut().enumerate() {
                 if let Some(q) = device.queue_stats(i) {
-                    add_stats(t, &q);
+                    t.add(&q);
                 }
             }
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -213,7 +213,7 @@ impl BlkServer {
                 .unwrap_or(0);
             let mut all = *total;
             if let Some(n) = &now {
-                add_stats(&mut all, n);
+                all.add(n);
             }
             let n = now.unwrap_or_default();
             let _ = writeln!(
@@ -249,16 +249,6 @@ impl BlkServer {
             self.serve_one(&mut listener)?;
         }
     }
-}
-
-fn add_stats(t: &mut QueueStats, q: &QueueStats) {
-    t.completed += q.completed;
-    t.errors += q.errors;
-    t.direct_zero_copy += q.direct_zero_copy;
-    t.direct_bounce += q.direct_bounce;
-    t.stops += q.stops;
-    t.bytes += q.bytes;
-    t.pages_marked += q.pages_marked;
 }
 
 /// Blocks until a frontend is waiting to be accepted on `listener`.

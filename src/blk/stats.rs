@@ -50,7 +50,7 @@ impl QueueStats {
         }
     }
 
-    pub(super) fn add(&mut self, o: &QueueStats) {
+    pub(crate) fn add(&mut self, o: &QueueStats) {
         self.completed += o.completed;
         self.errors += o.errors;
         self.direct_zero_copy += o.direct_zero_copy;
