@@ -56,7 +56,7 @@ enum Owner {
 /// swap per dirty word). There is deliberately no public view of the log's atomics: a caller
 /// holding one could clear a bit without taking it (a load followed by a store of zero), the
 /// lost-page bug DESIGN.md invariant 3 forbids; the views are crate-private, and a test-only
-/// one exists for test tooling (see [`LogRegion::raw_words`], feature `test-utils`). Reading is
+/// one exists for test tooling (`LogRegion::raw_words`, with the `test-utils` feature). Reading is
 /// free: [`test_page`](Self::test_page), [`count_set`](Self::count_set),
 /// [`snapshot`](Self::snapshot). The region never reads or writes outside `len_bytes()` bytes
 /// from its base.
