@@ -94,7 +94,7 @@ struct Args {
 
     /// Dataplane: io_uring (up to the queue depth in the disk per queue) or sync (one blocking
     /// request at a time per queue). Default: io_uring when the kernel allows it, else sync.
-    #[arg(long, value_name = "io_uring|sync", default_value_t = AioMode::Auto)]
+    #[arg(long, value_name = "auto|io_uring|sync", default_value_t = AioMode::Auto)]
     aio: AioMode,
 
     /// Serial number reported to the guest (GET_ID), at most 20 bytes.
