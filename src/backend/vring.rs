@@ -52,10 +52,8 @@ impl<V> AdapterVring<V> {
 
 /// The device's view of the adapter's vrings: the same slice, as the device's own vring type.
 pub(crate) fn inner_vrings<V>(vrings: &[AdapterVring<V>]) -> &[V] {
-    // SAFETY: `AdapterVring<V>` is `repr(transparent)` over its only field `V`, so both types
-    // have the same size, alignment and layout, and `len` elements of one occupy exactly the
-    // memory of `len` elements of the other; the returned slice borrows `vrings` (same lifetime)
-    // and only allows shared access, as `vrings` does.
+    // SAFETY: `AdapterVring<V>` is `repr(transparent)` over `V` (same size, alignment, layout),
+    // so `len` of one are exactly `len` of the other; the result borrows `vrings`, shared only.
     unsafe { std::slice::from_raw_parts(vrings.as_ptr().cast::<V>(), vrings.len()) }
 }
 
