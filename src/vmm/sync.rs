@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::blocks::Writer;
 use super::merge::{chunk_mask, merge_core, merge_tail};
 use super::{MigrationBitmap, SharedLog};
+use crate::log::sync::{AtomicU64 as LogWord, AtomicU8 as LogByte};
 use crate::log::LogRegion;
 
 /// The operations the merges need from an atomic 64-bit word, so one `take_word` / `all_zero`
@@ -103,35 +104,13 @@ impl MigrationBitmap {
     /// `fetch_and`), to be merged once the bitmap has grown. Log tail bytes (a log whose size is
     /// not a multiple of 8) are consumed the same way, byte by byte.
     pub fn sync_from_log<L: AsRef<LogRegion> + ?Sized>(&self, log: &L, base_page: u64) -> u64 {
-        let log = log.as_ref();
-        let t = self.table.load();
-        let words = log.words();
-        let src_bits = words.len() as u64 * 64;
-        let mut w = Writer::new(&t, &self.writer);
-        let mut newly = merge_core(
-            &mut w,
-            src_bits,
-            base_page,
-            u64::MAX,
-            |i, n| nonzero_mask(&words[i..i + n]),
-            |i, mask| take_log_word(&words[i], mask),
-        );
-        let tail = log.tail();
-        if !tail.is_empty() {
-            newly += merge_tail(
-                &mut w,
-                tail,
-                base_page.checked_add(src_bits),
-                |_, b, mask| {
-                    if b.load(Ordering::Relaxed) & mask == 0 {
-                        0
-                    } else {
-                        b.fetch_and(!mask, Ordering::Acquire) & mask
-                    }
-                },
-            );
-        }
-        newly
+        self.consume_log(log.as_ref(), base_page, take_log_word, |b, mask| {
+            if b.load(Ordering::Relaxed) & mask == 0 {
+                0
+            } else {
+                b.fetch_and(!mask, Ordering::Acquire) & mask
+            }
+        })
     }
 
     /// Merges a log the backend no longer writes (replaced by a new one with `SET_LOG_BASE`
@@ -150,6 +129,39 @@ impl MigrationBitmap {
     ///
     /// Crate-private (DESIGN.md invariant 3): only `LogFlip` knows that the log is retired.
     pub(crate) fn merge_retired(&self, log: &LogRegion, base_page: u64) -> u64 {
+        self.consume_log(
+            log,
+            base_page,
+            |w, mask| {
+                let old = w.load(Ordering::Relaxed);
+                let v = old & mask;
+                if v != 0 {
+                    w.store(old & !mask, Ordering::Relaxed);
+                }
+                v
+            },
+            |b, mask| {
+                let old = b.load(Ordering::Relaxed);
+                if old & mask != 0 {
+                    b.store(old & !mask, Ordering::Relaxed);
+                }
+                old & mask
+            },
+        )
+    }
+
+    /// The loop both log consumers share: clean words skipped with plain loads, each dirty
+    /// word's bits in the bitmap's range taken with `take_word(word, mask)` (a swap for a live
+    /// log, a load and store for a retired one), tail bytes with `take_byte`; what is taken is
+    /// ORed into the bitmap. Returns the number of newly dirty pages.
+    #[inline(always)]
+    fn consume_log(
+        &self,
+        log: &LogRegion,
+        base_page: u64,
+        take_word: impl Fn(&LogWord, u64) -> u64,
+        take_byte: impl Fn(&LogByte, u8) -> u8,
+    ) -> u64 {
         let t = self.table.load();
         let words = log.words();
         let src_bits = words.len() as u64 * 64;
@@ -160,14 +172,7 @@ impl MigrationBitmap {
             base_page,
             u64::MAX,
             |i, n| nonzero_mask(&words[i..i + n]),
-            |i, mask| {
-                let old = words[i].load(Ordering::Relaxed);
-                let v = old & mask;
-                if v != 0 {
-                    words[i].store(old & !mask, Ordering::Relaxed);
-                }
-                v
-            },
+            |i, mask| take_word(&words[i], mask),
         );
         let tail = log.tail();
         if !tail.is_empty() {
@@ -175,13 +180,7 @@ impl MigrationBitmap {
                 &mut w,
                 tail,
                 base_page.checked_add(src_bits),
-                |_, b, mask| {
-                    let old = b.load(Ordering::Relaxed);
-                    if old & mask != 0 {
-                        b.store(old & !mask, Ordering::Relaxed);
-                    }
-                    old & mask
-                },
+                |_, b, mask| take_byte(b, mask),
             );
         }
         newly

@@ -294,12 +294,15 @@ impl Engine {
             {
                 let mut sq = self.ring.submission();
                 while i < self.sqes.len() {
-                    // SAFETY: every buffer an SQE points to (guest mappings kept alive by the
-                    // request's `mem` snapshot, bounce buffers and iovec arrays owned by the
-                    // request's boxed slot) stays valid and unmoved until its CQE is reaped:
-                    // slots are only freed in `on_cqe` after the last CQE of the request, and
-                    // `drain` waits for all of them before the engine is dropped.
-                    if unsafe { sq.push(&self.sqes[i]) }.is_err() {
+                    // The buffers an SQE points to (guest mappings kept alive by the request's
+                    // `mem` snapshot, bounce buffers and iovecs owned by its boxed slot) stay
+                    // valid and unmoved until its CQE is reaped: slots are freed only in `on_cqe`
+                    // after the request's last CQE, and `drain` waits for all of them before
+                    // the engine is dropped.
+                    let sqe = &self.sqes[i];
+                    // SAFETY: see above: every buffer `sqe` references outlives its completion.
+                    let pushed = unsafe { sq.push(sqe) };
+                    if pushed.is_err() {
                         break;
                     }
                     i += 1;
