@@ -51,7 +51,7 @@ Examples:
   vhost-dirtylog-check --bench --queues 1 --depth 32 /tmp/vblk.sock
   vhost-dirtylog-check --json /tmp/vblk.sock | jq .lost_pages")]
 struct Args {
-    /// The backend's vhost-user socket.
+    /// The backend's vhost-user socket (required unless --write-image).
     #[arg(value_name = "SOCKET", required_unless_present = "write_image")]
     socket: Option<PathBuf>,
 
@@ -353,7 +353,7 @@ fn main() -> ExitCode {
     };
     match out {
         Ok(s) => {
-            println!("{s}");
+            print_out(&s);
             exit(code)
         }
         Err(e) => {
@@ -363,10 +363,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes the report to stdout. A reader that went away (`--json | head -c 100`) is not an
+/// error of the check: the exit code still tells the result, so `EPIPE` is ignored instead of
+/// panicking as `println!` would.
+fn print_out(s: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{s}").and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("vhost-dirtylog-check: cannot write the report: {e}");
+        }
+    }
+}
+
 fn fail(e: &check::CheckError, json: bool) -> ExitCode {
     if json {
         let v = serde_json::json!({ "error": e.to_string(), "exit_code": e.exit_code() });
-        println!("{v}");
+        print_out(&v.to_string());
     }
     eprintln!("vhost-dirtylog-check: {e}");
     exit(e.exit_code())

@@ -118,13 +118,16 @@ def table(rows):
 
 
 def oneline(path):
-    q = (load(path) or {}).get("query_migrate") or {}
+    rec = load(path) or {}
+    q = rec.get("query_migrate") or {}
     ram = q.get("ram") or {}
+    resent = rec.get("pages_sent_after_first_pass")
+    resent = "unknown" if resent is None else resent
     print(
         f"total {q.get('total-time')} ms, downtime {q.get('downtime')} ms, "
         f"{(ram.get('transferred') or 0) / MIB:.1f} MiB sent, "
         f"dirty-sync-count {ram.get('dirty-sync-count')}, "
-        f"{(load(path) or {}).get('pages_sent_after_first_pass')} pages re-sent after pass 1, "
+        f"{resent} pages re-sent after pass 1, "
         f"{(ram.get('downtime-bytes') or 0) / MIB:.1f} MiB sent while stopped"
     )
 
