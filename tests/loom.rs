@@ -266,3 +266,25 @@ fn write_before_bind_is_not_lost() {
         }
     });
 }
+
+/// (g) A mark past the end of the log (memory added before the frontend sent a bigger log)
+/// races the replacement by a log that covers it. The range the mark carries must reach the
+/// new log: it is recorded inside the mark's RCU read section, so the replacement's grace
+/// period waits for it before it applies the carried ranges. (Recording it after the read
+/// section ended let the replacement apply the carried ranges first, leaving the page out of
+/// the new log until some later `SET_LOG_BASE`; this model found that.)
+#[test]
+fn out_of_range_mark_vs_bigger_log() {
+    loom::model(|| {
+        let (log, _small) = logging_handle(1);
+        let big = std::sync::Arc::new(LogRegion::anonymous(16).unwrap());
+        let l1 = log.clone();
+        let marker = thread::spawn(move || l1.mark(70 * PAGE, 1));
+        log.replace_region(Some(big.clone())).unwrap();
+        marker.join().unwrap();
+        assert!(
+            big.test_page(70),
+            "a mark carried past the old log's end is missing from the new log that covers it"
+        );
+    });
+}
