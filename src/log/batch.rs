@@ -80,11 +80,9 @@
 //! assert_eq!(batch.stats().log_rmws, 1);
 //! ```
 
-use std::cell::Cell;
-use std::sync::atomic::Ordering;
-
 use super::{DirtyLog, LOG_PAGE_SHIFT};
 use crate::bits::{first_word_mask, last_word_mask, word_mask};
+use std::cell::Cell;
 
 /// Most distinct log words a [`LogBatch`] holds before it flushes (DPDK's
 /// `VHOST_LOG_CACHE_NR`). One word covers 64 log pages (256 KiB of guest memory).
@@ -127,9 +125,6 @@ pub struct LogBatch {
     /// Negative control for the unit tests: scopes end without flushing.
     #[cfg(test)]
     skip_scope_flush: Cell<bool>,
-    /// Negative control for the loom models: flush with Relaxed instead of Release.
-    #[cfg(loom)]
-    relaxed_flush: Cell<bool>,
 }
 
 impl std::fmt::Debug for LogBatch {
@@ -208,8 +203,6 @@ impl LogBatch {
             stats: Cell::new(BatchStats::default()),
             #[cfg(test)]
             skip_scope_flush: Cell::new(false),
-            #[cfg(loom)]
-            relaxed_flush: Cell::new(false),
         }
     }
 
@@ -311,15 +304,7 @@ impl LogBatch {
         if n == 0 {
             return;
         }
-        #[cfg(not(loom))]
-        let order = Ordering::Release;
-        #[cfg(loom)]
-        let order = if self.relaxed_flush.get() {
-            Ordering::Relaxed
-        } else {
-            Ordering::Release
-        };
-        let rmws = self.log.apply_words(&self.entries[..n], order);
+        let rmws = self.log.apply_words(&self.entries[..n]);
         self.len.set(0);
         let mut st = self.stats.get();
         st.log_rmws += rmws;
@@ -353,13 +338,6 @@ impl LogBatch {
     #[cfg(test)]
     pub(crate) fn skip_scope_flush_for_tests(&self) {
         self.skip_scope_flush.set(true);
-    }
-
-    /// Negative control for the loom models: flushes use Relaxed `fetch_or`s instead of
-    /// Release, breaking DESIGN.md invariant 2 (data before mark); the models must catch it.
-    #[cfg(loom)]
-    pub fn relaxed_flush_for_loom(&self) {
-        self.relaxed_flush.set(true);
     }
 }
 

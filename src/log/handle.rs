@@ -178,17 +178,16 @@ impl DirtyLog {
     }
 
     /// Applies a [`LogBatch`](super::LogBatch)'s words (`(word index, bits)`) to the log that
-    /// is current now, inside one RCU read section: one `fetch_or` with `order` (Release
-    /// outside loom's negative control) per word. Words past the end of the log are counted
+    /// is current now, inside one RCU read section: one Release `fetch_or` per word. Words past the end of the log are counted
     /// and carried as a plain mark's pages are; with no log attached the words go through the
     /// no-log path if logging is on, and are dropped if it is off (see the batch module's
     /// "LOG_ALL turned off"). Returns the number of atomic RMWs issued on the log.
-    pub(crate) fn apply_words(&self, entries: &[Cell<Entry>], order: Ordering) -> u64 {
+    pub(crate) fn apply_words(&self, entries: &[Cell<Entry>]) -> u64 {
         let done = rcu::read(|| {
             let p = self.shared.current.load(Ordering::Acquire);
             // SAFETY: as in `mark_on`: a published pointer is live for this read section.
             let r = unsafe { p.as_ref() }?;
-            Some(self.or_words(r, entries, order))
+            Some(self.or_words(r, entries))
         });
         match done {
             Some((rmws, 0)) => rmws,
@@ -200,9 +199,7 @@ impl DirtyLog {
                 self.warn_out_of_range(first, last, dropped);
                 rmws
             }
-            None if self.shared.enabled.load(Ordering::Relaxed) => {
-                self.no_log_words(entries, order)
-            }
+            None if self.shared.enabled.load(Ordering::Relaxed) => self.no_log_words(entries),
             None => 0,
         }
     }
@@ -210,14 +207,14 @@ impl DirtyLog {
     /// ORs batch words into `r` (inside the caller's read section). Returns (RMWs, pages past
     /// the end of `r`, which are carried).
     #[inline]
-    fn or_words(&self, r: &LogRegion, entries: &[Cell<Entry>], order: Ordering) -> (u64, u64) {
+    fn or_words(&self, r: &LogRegion, entries: &[Cell<Entry>]) -> (u64, u64) {
         let words = r.words();
         let (mut rmws, mut dropped) = (0, 0);
         for e in entries {
             let (w, mask) = e.get();
             match usize::try_from(w).ok().and_then(|i| words.get(i)) {
                 Some(word) => {
-                    word.fetch_or(mask, order);
+                    word.fetch_or(mask, Ordering::Release);
                     rmws += 1;
                 }
                 None => {
@@ -256,7 +253,7 @@ impl DirtyLog {
     /// all-dirty, and the words applied precisely if a log appeared meanwhile.
     #[cold]
     #[inline(never)]
-    fn no_log_words(&self, entries: &[Cell<Entry>], order: Ordering) -> u64 {
+    fn no_log_words(&self, entries: &[Cell<Entry>]) -> u64 {
         let s = &self.shared;
         s.marks_without_log
             .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -264,7 +261,7 @@ impl DirtyLog {
         let rmws = rcu::read(|| {
             let p = s.current.load(Ordering::SeqCst);
             // SAFETY: as in `mark_on`: a published pointer is live for this read section.
-            unsafe { p.as_ref() }.map_or(0, |r| self.or_words(r, entries, order).0)
+            unsafe { p.as_ref() }.map_or(0, |r| self.or_words(r, entries).0)
         });
         self.warn_no_log();
         rmws
