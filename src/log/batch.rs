@@ -1,88 +1,11 @@
-//! Batched marks: a per-worker cache of log words, flushed with one atomic OR per word.
-//!
-//! ## Why
-//! A net device writes guest memory for every frame: the virtio-net header and payload in one
-//! or several receive buffers, then a used element. Marked one write at a time, that is one
-//! Release `fetch_or` on a shared log word per write, a few per frame, at millions of frames a
-//! second; every one of them is a locked instruction that drains the store buffer right after
-//! the frame's copy. But the frames of one burst land in few log words (one word covers 64
-//! pages, 256 KiB of guest memory, and a ring's buffers are usually close together), so most of
-//! those RMWs set bits that are already set or sit in a word the burst touches again.
-//!
-//! DPDK's vhost library (`lib/vhost`: `vhost_log_cache_write`, `vhost_log_cache_sync`) keeps a
-//! per-virtqueue *log cache* for exactly this: up to 32 (word offset, bits) entries gathered
-//! during a burst and written to the log with one atomic OR each before the burst's used index
-//! is published. [`LogBatch`] is the same idea with this crate's invariants (DESIGN.md):
-//!
-//! - **Invariant 1, no lost page, also across `SET_LOG_BASE`.** A batch records *words*, not a
-//!   log: [`flush`](LogBatch::flush) ORs them into the log that is current when it runs, inside
-//!   one RCU read section (the same `rcu::read` the plain mark uses). A replacement
-//!   ([`DirtyLog::replace_region`]) either sees the flush in its grace period (then the flush
-//!   wrote the old log before the reply, so the VMM's drain of the old log finds it) or the
-//!   flush sees the new log. Words past the end of the log take the plain mark's path: they are
-//!   counted in [`LogStats`](super::LogStats) and carried into the next log that covers them; a
-//!   flush with logging on and no log attached dirties the whole next log, as a plain mark
-//!   does.
-//! - **Invariant 2, data before mark.** The flush's `fetch_or`s are Release, and the device
-//!   stores its data before it ends the scope (or calls `flush`), so the data happens-before the
-//!   bit. The device publishes the burst's used index *after* the flush, with the ring lock
-//!   still held, so `GET_VRING_BASE` (which waits for the ring) and the VMM's final sync see
-//!   every mark of every element the guest can see.
-//! - **Invariant 5, free when idle.** With logging off, [`mark`](LogBatch::mark) is one relaxed
-//!   load and a branch, and an empty flush is a branch; nothing is recorded.
-//! - **Bounded.** At most [`BATCH_WORDS`] distinct words; a 33rd flushes the batch first (an
-//!   early flush is a correct flush); a write spanning more than [`BATCH_SPAN_WORDS`] words
-//!   (over 2 MiB) is marked at once, as a plain mark (it needs one RMW per word either way).
-//!   No allocation, no lock on the recording side.
-//!
-//! ## LOG_ALL turned off before the flush
-//! The batch checks the logging flag when a mark is *recorded* (after the data store, as the
-//! plain mark does, so `set_logging(true)`'s process-wide barrier covers a write whose check
-//! raced the switch). At flush time the flag is not consulted: recorded words go to whatever
-//! log is attached, even if the frontend turned `LOG_ALL` off in between. Over-marking a log
-//! that the frontend no longer reads is harmless; dropping the words would rely on the
-//! frontend's order of operations. (It would be safe with QEMU, which clears `LOG_ALL` only from
-//! `vhost_log_global_stop` → `vhost_migration_log(false)`, i.e. after a completed migration —
-//! whose final sync followed `vhost_dev_stop`'s `GET_VRING_BASE`, so no batch was pending — or
-//! on cancel/failure, after which the next migration starts from an all-dirty bitmap in its
-//! first round; DPDK's `vhost_log_cache_sync` drops the cache when `LOG_ALL` is off. We do not
-//! depend on either.) Only when no log is attached *and* logging is off are the words dropped:
-//! there is nowhere to write them and no migration that needs them.
-//!
-//! ## Routing vm-memory's own marks into a batch
-//! vm-memory and virtio-queue mark through [`GuestDirtyBitmap`](super::GuestDirtyBitmap), which
-//! knows nothing of batches. [`LogBatch::scope`] installs the batch as this thread's route for
-//! the duration of a closure: a mark made through a `GuestDirtyBitmap` bound to the *same*
-//! [`DirtyLog`] is recorded into the batch instead of applied. The route is looked up only after
-//! the logging flag said "on" (logging off costs nothing more), marks for another log (or
-//! through a bitmap of another log) fall back to the plain mark, scopes nest (the innermost
-//! batch routes; leaving a scope restores the outer one), and the scope flushes when it ends,
-//! also when the closure panics. Explicit marks inside a scope go to the batch with
-//! [`LogBatch::mark`]; [`DirtyLog::mark`] always marks at once.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use vhost_dirtylog::log::{DirtyLog, LogRegion};
-//!
-//! let log = DirtyLog::new();
-//! let region = Arc::new(LogRegion::anonymous(64).unwrap());
-//! log.replace_region(Some(region.clone()));
-//! log.set_logging(true);
-//!
-//! let batch = log.batch(); // one per worker thread
-//! batch.scope(|| {
-//!     // ... write frames and used elements through vm-memory: their marks are recorded ...
-//!     batch.mark(0x10_000, 1514); // a write that bypassed vm-memory
-//!     batch.mark(0x10_800, 1514); // same log word: no new entry
-//! }); // flushed here: one fetch_or
-//! // ... then publish the used index (still under the ring lock).
-//! assert!(region.test_page(0x10));
-//! assert_eq!(batch.stats().log_rmws, 1);
-//! ```
+//! Batched marks ([`LogBatch`]): a per-worker cache of log words, flushed with one atomic OR
+//! per word (DPDK's per-virtqueue log cache, with this crate's invariants; see the type's
+//! docs).
+
+use std::cell::Cell;
 
 use super::{DirtyLog, LOG_PAGE_SHIFT};
 use crate::bits::{first_word_mask, last_word_mask, word_mask};
-use std::cell::Cell;
 
 /// Most distinct log words a [`LogBatch`] holds before it flushes (DPDK's
 /// `VHOST_LOG_CACHE_NR`). One word covers 64 log pages (256 KiB of guest memory).
@@ -110,8 +33,90 @@ pub struct BatchStats {
     pub flushes: u64,
 }
 
-/// A per-worker batch of dirty-log marks (see the [module docs](self)).
+/// A per-worker batch of dirty-log marks: records the log words a burst of guest writes
+/// touches and writes each distinct word with one Release `fetch_or` when flushed.
 ///
+/// # Why
+/// A net device writes guest memory for every frame: the virtio-net header and payload in one
+/// or several receive buffers, then a used element. Marked one write at a time, that is one
+/// Release `fetch_or` on a shared log word per write, a few per frame, at millions of frames a
+/// second; every one of them is a locked instruction that drains the store buffer right after
+/// the frame's copy. But the frames of one burst land in few log words (one word covers 64
+/// pages, 256 KiB of guest memory, and a ring's buffers are usually close together), so most of
+/// those RMWs set bits that are already set or sit in a word the burst touches again.
+///
+/// DPDK's vhost library (`lib/vhost`: `vhost_log_cache_write`, `vhost_log_cache_sync`) keeps a
+/// per-virtqueue *log cache* for exactly this: up to 32 (word offset, bits) entries gathered
+/// during a burst and written to the log with one atomic OR each before the burst's used index
+/// is published. [`LogBatch`] is the same idea with this crate's invariants (DESIGN.md):
+///
+/// - **Invariant 1, no lost page, also across `SET_LOG_BASE`.** A batch records *words*, not a
+///   log: [`flush`](LogBatch::flush) ORs them into the log that is current when it runs, inside
+///   one RCU read section (the same `rcu::read` the plain mark uses). A replacement
+///   ([`DirtyLog::replace_region`]) either sees the flush in its grace period (then the flush
+///   wrote the old log before the reply, so the VMM's drain of the old log finds it) or the
+///   flush sees the new log. Words past the end of the log take the plain mark's path: they are
+///   counted in [`LogStats`](super::LogStats) and carried into the next log that covers them; a
+///   flush with logging on and no log attached dirties the whole next log, as a plain mark
+///   does.
+/// - **Invariant 2, data before mark.** The flush's `fetch_or`s are Release, and the device
+///   stores its data before it ends the scope (or calls `flush`), so the data happens-before the
+///   bit. The device publishes the burst's used index *after* the flush, with the ring lock
+///   still held, so `GET_VRING_BASE` (which waits for the ring) and the VMM's final sync see
+///   every mark of every element the guest can see.
+/// - **Invariant 5, free when idle.** With logging off, [`mark`](LogBatch::mark) is one relaxed
+///   load and a branch, and an empty flush is a branch; nothing is recorded.
+/// - **Bounded.** At most [`BATCH_WORDS`] distinct words; a 33rd flushes the batch first (an
+///   early flush is a correct flush); a write spanning more than [`BATCH_SPAN_WORDS`] words
+///   (over 2 MiB) is marked at once, as a plain mark (it needs one RMW per word either way).
+///   No allocation, no lock on the recording side.
+///
+/// # LOG_ALL turned off before the flush
+/// The batch checks the logging flag when a mark is *recorded* (after the data store, as the
+/// plain mark does, so `set_logging(true)`'s process-wide barrier covers a write whose check
+/// raced the switch). At flush time the flag is not consulted: recorded words go to whatever
+/// log is attached, even if the frontend turned `LOG_ALL` off in between. Over-marking a log
+/// that the frontend no longer reads is harmless; dropping the words would rely on the
+/// frontend's order of operations. (It would be safe with QEMU, which clears `LOG_ALL` only from
+/// `vhost_log_global_stop` → `vhost_migration_log(false)`, i.e. after a completed migration —
+/// whose final sync followed `vhost_dev_stop`'s `GET_VRING_BASE`, so no batch was pending — or
+/// on cancel/failure, after which the next migration starts from an all-dirty bitmap in its
+/// first round; DPDK's `vhost_log_cache_sync` drops the cache when `LOG_ALL` is off. We do not
+/// depend on either.) Only when no log is attached *and* logging is off are the words dropped:
+/// there is nowhere to write them and no migration that needs them.
+///
+/// # Routing vm-memory's own marks into a batch
+/// vm-memory and virtio-queue mark through [`GuestDirtyBitmap`](super::GuestDirtyBitmap), which
+/// knows nothing of batches. [`LogBatch::scope`] installs the batch as this thread's route for
+/// the duration of a closure: a mark made through a `GuestDirtyBitmap` bound to the *same*
+/// [`DirtyLog`] is recorded into the batch instead of applied. The route is looked up only after
+/// the logging flag said "on" (logging off costs nothing more), marks for another log (or
+/// through a bitmap of another log) fall back to the plain mark, scopes nest (the innermost
+/// batch routes; leaving a scope restores the outer one), and the scope flushes when it ends,
+/// also when the closure panics. Explicit marks inside a scope go to the batch with
+/// [`LogBatch::mark`]; [`DirtyLog::mark`] always marks at once.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vhost_dirtylog::log::{DirtyLog, LogRegion};
+///
+/// let log = DirtyLog::new();
+/// let region = Arc::new(LogRegion::anonymous(64).unwrap());
+/// log.replace_region(Some(region.clone()));
+/// log.set_logging(true);
+///
+/// let batch = log.batch(); // one per worker thread
+/// batch.scope(|| {
+///     // ... write frames and used elements through vm-memory: their marks are recorded ...
+///     batch.mark(0x10_000, 1514); // a write that bypassed vm-memory
+///     batch.mark(0x10_800, 1514); // same log word: no new entry
+/// }); // flushed here: one fetch_or
+/// // ... then publish the used index (still under the ring lock).
+/// assert!(region.test_page(0x10));
+/// assert_eq!(batch.stats().log_rmws, 1);
+/// ```
+///
+/// # Use
 /// Owned by one thread (it is `Send`, not `Sync`); built from a [`DirtyLog`] with
 /// [`DirtyLog::batch`] or [`LogBatch::new`]. Record with [`mark`](Self::mark) or by routing
 /// vm-memory's marks with [`scope`](Self::scope); write to the log with
@@ -297,7 +302,7 @@ impl LogBatch {
     /// guest (the used index), with the ring lock still held. Words past the end of the log are
     /// counted and carried into the next log that covers them; with no log attached and
     /// logging on, the next log is made all-dirty (both as [`DirtyLog::mark`] does); with no
-    /// log and logging off they are dropped (module docs, "LOG_ALL turned off").
+    /// log and logging off they are dropped (type docs, "LOG_ALL turned off before the flush").
     #[inline]
     pub fn flush(&self) {
         let n = self.len.get();

@@ -178,10 +178,11 @@ impl DirtyLog {
     }
 
     /// Applies a [`LogBatch`](super::LogBatch)'s words (`(word index, bits)`) to the log that
-    /// is current now, inside one RCU read section: one Release `fetch_or` per word. Words past the end of the log are counted
-    /// and carried as a plain mark's pages are; with no log attached the words go through the
-    /// no-log path if logging is on, and are dropped if it is off (see the batch module's
-    /// "LOG_ALL turned off"). Returns the number of atomic RMWs issued on the log.
+    /// is current now, inside one RCU read section: one Release `fetch_or` per word. Words
+    /// past the end of the log are counted and carried as a plain mark's pages are; with no
+    /// log attached the words go through the no-log path if logging is on, and are dropped if
+    /// it is off (see `LogBatch`'s "LOG_ALL turned off before the flush"). Returns the number
+    /// of atomic RMWs issued on the log.
     pub(crate) fn apply_words(&self, entries: &[Cell<Entry>]) -> u64 {
         let done = rcu::read(|| {
             let p = self.shared.current.load(Ordering::Acquire);
@@ -240,7 +241,8 @@ impl DirtyLog {
             let (first, last) = (w * 64 + lo, w * 64 + lo + n - 1);
             let d = r.mark_pages(first, last);
             if d != 0 {
-                self.carry_out_of_range(d, first, last);
+                // Only the pages past the end (the rest is in this log).
+                self.carry_out_of_range(d, first.max(r.pages()), last);
                 dropped += d;
             }
             rmws += 1;
