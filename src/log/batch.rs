@@ -446,6 +446,24 @@ mod tests {
     }
 
     #[test]
+    fn a_scope_routes_only_its_own_thread() {
+        let (log, region) = logging(64);
+        let bm = GuestDirtyBitmap::with_len((64 * PAGE) as usize);
+        bm.bind(&log, 0);
+        let batch = log.batch();
+        batch.scope(|| {
+            let other = bm.clone();
+            thread::spawn(move || other.mark_dirty(2 * PAGE as usize, 1))
+                .join()
+                .unwrap();
+            assert!(region.test_page(2), "another thread's mark is plain");
+            bm.mark_dirty(3 * PAGE as usize, 1);
+            assert!(!region.test_page(3));
+        });
+        assert!(region.test_page(3));
+    }
+
+    #[test]
     fn logging_off_records_nothing() {
         let (log, region) = logging(64);
         log.set_logging(false);
