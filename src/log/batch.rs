@@ -81,8 +81,8 @@ pub struct BatchStats {
 /// `vhost_log_global_stop` → `vhost_migration_log(false)`, i.e. after a completed migration —
 /// whose final sync followed `vhost_dev_stop`'s `GET_VRING_BASE`, so no batch was pending — or
 /// on cancel/failure, after which the next migration starts from an all-dirty bitmap in its
-/// first round; DPDK's `vhost_log_cache_sync` drops the cache when `LOG_ALL` is off. We do not
-/// depend on either.) Only when no log is attached *and* logging is off are the words dropped:
+/// first round. DPDK's `vhost_log_cache_sync` skips the sync while `LOG_ALL` is off, leaving
+/// the entries for a later one. We depend on neither.) Only when no log is attached *and* logging is off are the words dropped:
 /// there is nowhere to write them and no migration that needs them.
 ///
 /// # Routing vm-memory's own marks into a batch
@@ -95,6 +95,17 @@ pub struct BatchStats {
 /// batch routes; leaving a scope restores the outer one), and the scope flushes when it ends,
 /// also when the closure panics. Explicit marks inside a scope go to the batch with
 /// [`LogBatch::mark`]; [`DirtyLog::mark`] always marks at once.
+///
+/// # Where the flush must come
+/// Before the ring lock is released and before anything that `GET_VRING_BASE` or
+/// `SET_VRING_ENABLE(0)` waits for says the burst is done: the VMM's final sync runs after those
+/// replies and must find every bit (a flush after them is a lost page). DPDK also flushes
+/// before it stores the burst's used index, and that is the order to prefer: write the used
+/// elements inside the scope and publish `used.idx` once after it. Note that virtio-queue's
+/// `Queue::add_used` stores `used.idx` (Release) at every call, so a device using it inside a
+/// scope publishes the index before the flush; that is still safe for the final sync as long
+/// as the scope ends under the ring lock as above (during pre-copy a bit set a little later is
+/// found by the next round), but it is not DPDK's order.
 ///
 /// ```
 /// use std::sync::Arc;
