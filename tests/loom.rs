@@ -413,3 +413,28 @@ fn batch_flush_is_release() {
         device.join().unwrap();
     });
 }
+
+/// LOG_ALL off and on again while a batch records and flushes: a mark recorded while logging
+/// was on reaches the attached log even if logging was off when the flush ran (the batch
+/// applies recorded words to any attached log); a mark made while logging was off is not
+/// recorded at all (as a plain mark is dropped).
+#[test]
+fn batch_vs_log_all_toggle() {
+    loom::model(|| {
+        let (log, region) = logging_handle(1);
+        let batch = log.batch();
+        let marker = thread::spawn(move || {
+            batch.mark(3 * PAGE, 1);
+            batch.flush();
+            batch.stats()
+        });
+        log.set_logging(false);
+        log.set_logging(true);
+        let st = marker.join().unwrap();
+        assert_eq!(
+            region.test_page(3),
+            st.marks == 1,
+            "a recorded mark must reach the log, an unrecorded one must not appear"
+        );
+    });
+}
