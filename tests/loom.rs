@@ -13,8 +13,9 @@
 //! check, the RCU read section, `LogRegion::mark_pages` with its single-word fast path and
 //! multi-word slow path), `DirtyLog::replace_region` (pointer swap, RCU grace period with its
 //! wait loop), `MigrationBitmap::sync_from_log` (per-word Acquire swap / masked `fetch_and`
-//! through the shared `merge_core`), and `GuestDirtyBitmap::mark_dirty` / `bind` (the
-//! write-before-bind flag and SeqCst fence handshake).
+//! through the shared `merge_core`), `GuestDirtyBitmap::mark_dirty` / `bind` (the
+//! write-before-bind flag and SeqCst fence handshake), and `LogBatch::flush` (a batch's words
+//! ORed into the current log in one read section, the carry path past the log's end).
 //!
 //! What is *not* covered:
 //! - `membarrier(2)`: loom cannot model a process-wide barrier, so the RCU read side runs its
@@ -264,5 +265,176 @@ fn write_before_bind_is_not_lost() {
                 "page {p} outside the region was marked"
             );
         }
+    });
+}
+
+/// (g) A mark past the end of the log (memory added before the frontend sent a bigger log)
+/// races the replacement by a log that covers it. The range the mark carries must reach the
+/// new log: it is recorded inside the mark's RCU read section, so the replacement's grace
+/// period waits for it before it applies the carried ranges. (Recording it after the read
+/// section ended let the replacement apply the carried ranges first, leaving the page out of
+/// the new log until some later `SET_LOG_BASE`; this model found that.)
+#[test]
+fn out_of_range_mark_vs_bigger_log() {
+    loom::model(|| {
+        let (log, _small) = logging_handle(1);
+        let big = std::sync::Arc::new(LogRegion::anonymous(16).unwrap());
+        let l1 = log.clone();
+        let marker = thread::spawn(move || l1.mark(70 * PAGE, 1));
+        log.replace_region(Some(big.clone())).unwrap();
+        marker.join().unwrap();
+        assert!(
+            big.test_page(70),
+            "a mark carried past the old log's end is missing from the new log that covers it"
+        );
+    });
+}
+
+/// (h) A batch flush races a log replacement (`SET_LOG_BASE`), as (b) for plain marks. The
+/// marker records pages 1 and 70 (two words) and flushes them (one read section), then records
+/// the straddling range 63..=64 and flushes it by dropping the batch. After `replace_region`
+/// returns the old log never changes again, and every page is in the old log as of that
+/// moment or in the new log: a flush writes the log current when it runs, and the grace period
+/// waits for a flush that may still write the old one.
+#[test]
+fn batch_flush_vs_replace() {
+    loom::model(|| {
+        let (log, old) = logging_handle(2);
+        let new = std::sync::Arc::new(LogRegion::anonymous(16).unwrap());
+        let batch = log.batch();
+        let marker = thread::spawn(move || {
+            batch.mark(PAGE, 1);
+            batch.mark(70 * PAGE, 1);
+            batch.flush();
+            batch.mark(63 * PAGE, 2 * PAGE);
+            // Dropped here: the drop flushes.
+        });
+        log.replace_region(Some(new.clone())).unwrap();
+        let at_return = snapshot(&old);
+        marker.join().unwrap();
+        assert_eq!(
+            snapshot(&old),
+            at_return,
+            "the old log was written after replace_region returned"
+        );
+        for p in [1u64, 70, 63, 64] {
+            let in_old = at_return[(p / 64) as usize] & (1 << (p % 64)) != 0;
+            assert!(
+                in_old || new.test_page(p),
+                "page {p} is in neither the old log (as of the reply) nor the new one"
+            );
+        }
+    });
+}
+
+/// (h') A batch flush of a word past the end of the log races its replacement by a log that
+/// covers it, as (g) for the plain mark: the carried page reaches the new log.
+#[test]
+fn batch_flush_past_end_vs_bigger_log() {
+    loom::model(|| {
+        let (log, _small) = logging_handle(1);
+        let big = std::sync::Arc::new(LogRegion::anonymous(16).unwrap());
+        let batch = log.batch();
+        let marker = thread::spawn(move || {
+            batch.mark(70 * PAGE, 1);
+            batch.flush();
+        });
+        log.replace_region(Some(big.clone())).unwrap();
+        marker.join().unwrap();
+        assert!(
+            big.test_page(70),
+            "a flushed word carried past the old log's end is missing from the new log"
+        );
+    });
+}
+
+/// (i) A batch flush races the VMM's swap sync, as (a) for plain marks: a flush ORs whole
+/// words (pages 3 and 5 in word 0, 63 and 64 across words 0 and 1), the swapper takes words
+/// with atomic swaps; no page is lost and none appears that was not marked.
+#[test]
+fn batch_flush_vs_sync() {
+    loom::model(|| {
+        let (log, region) = logging_handle(2);
+        let bm = MigrationBitmap::new(128).unwrap();
+        let batch = log.batch();
+        let marker = thread::spawn(move || {
+            batch.mark(3 * PAGE, 8);
+            batch.mark(5 * PAGE + 100, 1);
+            batch.mark(64 * PAGE - 1, 2);
+            batch.flush();
+        });
+        bm.sync_from_log(&*region, 0);
+        bm.sync_from_log(&*region, 0);
+        marker.join().unwrap();
+        for p in [3, 5, 63, 64] {
+            assert!(
+                bm.test(p) || region.test_page(p),
+                "page {p} was marked but is neither in the bitmap nor in the log"
+            );
+        }
+        let stray = (0..128)
+            .filter(|p| ![3, 5, 63, 64].contains(p))
+            .any(|p| bm.test(p) || region.test_page(p));
+        assert!(!stray);
+    });
+}
+
+/// Invariant 2 for a batch: the device's data store happens-before the flushed bit. The
+/// device stores a byte of "guest data" (a relaxed atomic standing for the page), records the
+/// page and flushes; the VMM takes the word with its Acquire swap and, if the bit is set,
+/// copies the page: it must see the data.
+///
+/// No negative control here: under loom the RCU read section takes its SeqCst-fence path
+/// (loom cannot model `membarrier(2)`), and that fence alone orders the data before even a
+/// Relaxed `fetch_or`, so a Relaxed flush passes this model. In production (membarrier path)
+/// the read section has only a compiler fence and the flush's Release is what orders the data,
+/// as for the plain mark.
+#[test]
+fn batch_flush_is_release() {
+    use loom::sync::atomic::AtomicU64;
+    loom::model(|| {
+        let (log, region) = logging_handle(1);
+        let data = std::sync::Arc::new(AtomicU64::new(0));
+        let batch = log.batch();
+        let d = data.clone();
+        let device = thread::spawn(move || {
+            d.store(1, Ordering::Relaxed);
+            batch.mark(3 * PAGE, 1);
+            batch.flush();
+        });
+        let taken = region.raw_words()[0].swap(0, Ordering::Acquire);
+        if taken & (1 << 3) != 0 {
+            assert_eq!(
+                data.load(Ordering::Relaxed),
+                1,
+                "the VMM saw the bit but copied the page without the data"
+            );
+        }
+        device.join().unwrap();
+    });
+}
+
+/// LOG_ALL off and on again while a batch records and flushes: a mark recorded while logging
+/// was on reaches the attached log even if logging was off when the flush ran (the batch
+/// applies recorded words to any attached log); a mark made while logging was off is not
+/// recorded at all (as a plain mark is dropped).
+#[test]
+fn batch_vs_log_all_toggle() {
+    loom::model(|| {
+        let (log, region) = logging_handle(1);
+        let batch = log.batch();
+        let marker = thread::spawn(move || {
+            batch.mark(3 * PAGE, 1);
+            batch.flush();
+            batch.stats()
+        });
+        log.set_logging(false);
+        log.set_logging(true);
+        let st = marker.join().unwrap();
+        assert_eq!(
+            region.test_page(3),
+            st.marks == 1,
+            "a recorded mark must reach the log, an unrecorded one must not appear"
+        );
     });
 }

@@ -150,7 +150,8 @@ impl Bitmap for GuestDirtyBitmap {
             return self.mark_unbound();
         };
         let off = self.base.saturating_add(offset) as u64;
-        b.log.mark(b.gpa.saturating_add(off), len as u64);
+        // Into this thread's `LogBatch::scope`, if one of this log is running.
+        b.log.mark_routed(b.gpa.saturating_add(off), len as u64);
     }
 
     fn dirty_at(&self, offset: usize) -> bool {

@@ -1,5 +1,6 @@
 //! The lock-free handle the dataplane marks through.
 
+use std::cell::Cell;
 use std::ptr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,9 +8,11 @@ use std::sync::Arc;
 #[cfg(doc)]
 use vhost::vhost_user::VhostUserVirtioFeatures;
 
+use super::batch::Entry;
 use super::rcu;
 use super::sync::{AtomicBool, AtomicPtr, AtomicU64, Mutex};
 use super::{LogError, LogRegion, LOG_PAGE_SHIFT};
+use crate::bits::word_mask;
 
 #[derive(Default)]
 struct Shared {
@@ -125,8 +128,24 @@ impl DirtyLog {
         self.mark_on(gpa, len);
     }
 
+    /// [`mark`](Self::mark) for marks made through a
+    /// [`GuestDirtyBitmap`](super::GuestDirtyBitmap): with logging on, a mark made inside a
+    /// [`LogBatch::scope`](super::LogBatch::scope) of a batch of this log is recorded into that
+    /// batch instead (the thread-local route is looked up only after the flag said "on").
     #[inline]
-    fn mark_on(&self, gpa: u64, len: u64) {
+    pub(crate) fn mark_routed(&self, gpa: u64, len: u64) {
+        if !self.shared.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        if super::batch::record_routed(self, gpa, len) {
+            return;
+        }
+        self.mark_on(gpa, len);
+    }
+
+    /// A mark, logging known to be on.
+    #[inline]
+    pub(crate) fn mark_on(&self, gpa: u64, len: u64) {
         if len == 0 {
             return;
         }
@@ -141,37 +160,142 @@ impl DirtyLog {
             let p = self.shared.current.load(Ordering::Acquire);
             // SAFETY: a non-null `current` came from `Arc::into_raw` and its reference is
             // dropped only after `rcu::synchronize`, which waits for this read section.
-            unsafe { p.as_ref() }.map(|r| r.mark_pages(first_page, last_page) + overflow)
+            let r = unsafe { p.as_ref() }?;
+            let dropped = r.mark_pages(first_page, last_page) + overflow;
+            if dropped != 0 {
+                // Inside the read section (see `carry_out_of_range`).
+                self.carry_out_of_range(dropped, first_page, last_page);
+            }
+            Some(dropped)
         });
         let Some(dropped) = dropped else {
             self.no_log(first_page, last_page);
             return;
         };
         if dropped != 0 {
-            self.out_of_range(gpa, len, dropped, first_page, last_page);
+            self.warn_out_of_range(first_page, last_page, dropped);
         }
+    }
+
+    /// Applies a [`LogBatch`](super::LogBatch)'s words (`(word index, bits)`) to the log that
+    /// is current now, inside one RCU read section: one Release `fetch_or` per word. Words
+    /// past the end of the log are counted and carried as a plain mark's pages are; with no
+    /// log attached the words go through the no-log path if logging is on, and are dropped if
+    /// it is off (see `LogBatch`'s "LOG_ALL turned off before the flush"). Returns the number
+    /// of atomic RMWs issued on the log.
+    pub(crate) fn apply_words(&self, entries: &[Cell<Entry>]) -> u64 {
+        let done = rcu::read(|| {
+            let p = self.shared.current.load(Ordering::Acquire);
+            // SAFETY: as in `mark_on`: a published pointer is live for this read section.
+            let r = unsafe { p.as_ref() }?;
+            Some(self.or_words(r, entries))
+        });
+        match done {
+            Some((rmws, 0)) => rmws,
+            Some((rmws, dropped)) => {
+                let (first, last) = entries.iter().fold((u64::MAX, 0), |(f, l), e| {
+                    let w = e.get().0;
+                    (f.min(w * 64), l.max(w * 64 + 63))
+                });
+                self.warn_out_of_range(first, last, dropped);
+                rmws
+            }
+            None if self.shared.enabled.load(Ordering::Relaxed) => self.no_log_words(entries),
+            None => 0,
+        }
+    }
+
+    /// ORs batch words into `r` (inside the caller's read section). Returns (RMWs, pages past
+    /// the end of `r`, which are carried).
+    #[inline]
+    fn or_words(&self, r: &LogRegion, entries: &[Cell<Entry>]) -> (u64, u64) {
+        let words = r.words();
+        let (mut rmws, mut dropped) = (0, 0);
+        for e in entries {
+            let (w, mask) = e.get();
+            match usize::try_from(w).ok().and_then(|i| words.get(i)) {
+                Some(word) => {
+                    word.fetch_or(mask, Ordering::Release);
+                    rmws += 1;
+                }
+                None => {
+                    let (n, d) = self.or_word_past_words(r, w, mask);
+                    rmws += n;
+                    dropped += d;
+                }
+            }
+        }
+        (rmws, dropped)
+    }
+
+    /// A batch word beyond the log's whole words: its runs of pages go through
+    /// `LogRegion::mark_pages` (tail bytes of a log whose size is not a multiple of 8), and
+    /// pages past the end are carried. Inside the caller's read section.
+    #[cold]
+    #[inline(never)]
+    fn or_word_past_words(&self, r: &LogRegion, w: u64, mut mask: u64) -> (u64, u64) {
+        let (mut rmws, mut dropped) = (0, 0);
+        while mask != 0 {
+            let lo = u64::from(mask.trailing_zeros());
+            let n = u64::from((mask >> lo).trailing_ones());
+            let (first, last) = (w * 64 + lo, w * 64 + lo + n - 1);
+            let d = r.mark_pages(first, last);
+            if d != 0 {
+                // Only the pages past the end (the rest is in this log).
+                self.carry_out_of_range(d, first.max(r.pages()), last);
+                dropped += d;
+            }
+            rmws += 1;
+            mask &= !word_mask(lo, lo + n - 1);
+        }
+        (rmws, dropped)
+    }
+
+    /// [`no_log`](Self::no_log) for a batch's words: counted once per word, the next log made
+    /// all-dirty, and the words applied precisely if a log appeared meanwhile.
+    #[cold]
+    #[inline(never)]
+    fn no_log_words(&self, entries: &[Cell<Entry>]) -> u64 {
+        let s = &self.shared;
+        s.marks_without_log
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        s.unlogged_writes.store(true, Ordering::SeqCst);
+        let rmws = rcu::read(|| {
+            let p = s.current.load(Ordering::SeqCst);
+            // SAFETY: as in `mark_on`: a published pointer is live for this read section.
+            unsafe { p.as_ref() }.map_or(0, |r| self.or_words(r, entries).0)
+        });
+        self.warn_no_log();
+        rmws
     }
 
     /// A mark that reached past the end of the log: memory the current log does not cover
     /// (added with `ADD_MEM_REG` / `SET_MEM_TABLE` while logging, before the frontend sends a
     /// bigger log). The pages are remembered and marked in the next log that covers them, as
-    /// writes before the first log are (DESIGN.md invariant 1). Runs inside the caller's RCU
-    /// read section, so a `replace_region` that retires this log sees the range after its
-    /// grace period. At most [`MAX_CARRIED`] ranges are kept; past that they are merged into
-    /// one (over-marking is harmless, memory stays bounded).
+    /// writes before the first log are (DESIGN.md invariant 1). Must run inside the read
+    /// section in which the mark found this log, so a `replace_region` that retires the log
+    /// waits for it (grace period) before it applies the carried ranges to the new log;
+    /// recorded after the read section, the range could miss the new log that covers it
+    /// (`tests/loom.rs::out_of_range_mark_vs_bigger_log`). At most [`MAX_CARRIED`] ranges
+    /// are kept; past that they are merged into one (over-marking is harmless, memory stays
+    /// bounded).
     #[cold]
     #[inline(never)]
-    fn out_of_range(&self, gpa: u64, len: u64, pages: u64, first_page: u64, last_page: u64) {
+    fn carry_out_of_range(&self, pages: u64, first_page: u64, last_page: u64) {
         let s = &self.shared;
         s.out_of_range_pages.fetch_add(pages, Ordering::Relaxed);
         s.out_of_range_marks.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut c = s.carried.lock().unwrap_or_else(|e| e.into_inner());
-            carry(&mut c, first_page, last_page);
-        }
-        if !s.warned_range.swap(true, Ordering::Relaxed) {
+        let mut c = s.carried.lock().unwrap_or_else(|e| e.into_inner());
+        carry(&mut c, first_page, last_page);
+    }
+
+    /// The first out-of-range mark's warning (outside the read section: it may do I/O).
+    #[cold]
+    #[inline(never)]
+    fn warn_out_of_range(&self, first_page: u64, last_page: u64, pages: u64) {
+        if !self.shared.warned_range.swap(true, Ordering::Relaxed) {
             log::warn!(
-                "dirty log: mark of {len:#x} bytes at GPA {gpa:#x} reaches {pages} page(s) past the end of the log; \
+                "dirty log: mark of log pages {first_page:#x}..={last_page:#x} reaches {pages} page(s) past the end of the log; \
                  they are carried into the next log that covers them (further occurrences are only counted)"
             );
         }
@@ -254,7 +378,13 @@ impl DirtyLog {
                 r.mark_pages(first_page, last_page);
             }
         });
-        if !s.warned_nolog.swap(true, Ordering::Relaxed) {
+        self.warn_no_log();
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn warn_no_log(&self) {
+        if !self.shared.warned_nolog.swap(true, Ordering::Relaxed) {
             log::warn!(
                 "dirty log: logging is on but no log is attached; the next log will have every page marked"
             );

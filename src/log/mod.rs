@@ -18,18 +18,24 @@
 //! - [`GuestDirtyBitmap`]: a `vm-memory` [`Bitmap`](vm_memory::bitmap::Bitmap) for guest
 //!   memory regions. vm-memory and virtio-queue call it on every write they make (data and used
 //!   ring), so devices get logging without writing a line for it.
+//! - [`LogBatch`]: a per-worker batch for high write rates (a net device's receive bursts):
+//!   records the log words a burst touches and flushes each with one Release `fetch_or` before
+//!   the burst's used index is published (DPDK's per-virtqueue log cache); vm-memory's own
+//!   marks are routed into it by [`LogBatch::scope`].
 //!
 //! Ordering contract (DESIGN.md invariant 2): the device's data store happens-before its mark
 //! (Release RMW); the VMM clears a word with an Acquire swap before it copies the pages that word
 //! covers, so a copy made after a cleared bit sees the data that bit stood for, and a write that
 //! lands after the swap sets the bit again.
 
+mod batch;
 mod bitmap;
 mod handle;
 mod rcu;
 mod region;
 pub(crate) mod sync;
 
+pub use batch::{BatchStats, LogBatch, BATCH_SPAN_WORDS, BATCH_WORDS};
 pub use bitmap::{GuestDirtyBitmap, StockLogAttach};
 pub use handle::{DirtyLog, LogStats};
 pub use region::LogRegion;
