@@ -1,0 +1,523 @@
+/* SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+ *
+ * vdl-net-init: PID 1 of the network test guest and its whole workload.
+ *
+ * 1. mounts /proc, /sys and /dev (devtmpfs), sends its output to the console;
+ * 2. turns IPv6 off for new interfaces (no router solicitations, DAD or MLD
+ *    frames on the wire), loads the kernel modules of /lib/vdl-modules
+ *    (virtio_pci, failover, net_failover, virtio_net, in dependency order)
+ *    with finit_module(2);
+ * 3. waits for the virtio-net interface, enables every queue pair the device
+ *    offers (ethtool ETHTOOL_SCHANNELS, "combined"), brings it up and
+ *    promiscuous (SIOCSIFFLAGS), with no IP configuration at all;
+ * 4. opens an AF_PACKET raw socket bound to that interface and to the test
+ *    EtherType 0x88b5 (IEEE 802 "local experimental EtherType 1"), and loops:
+ *    every test frame is checked, counted and, for an echo request, answered.
+ *
+ * Test frame layout (all integers big-endian; offsets in the Ethernet frame):
+ *    0  dst MAC           6  src MAC          12  EtherType 0x88b5
+ *   14  magic "VDLN"     18  kind (u8)        19  flags (u8)
+ *   20  frame_len (u16): the length the sender sent, header included
+ *   22  seq (u32): the sender's sequence number
+ *   26  guest_seq (u32): 0 in a request; in a reply, the guest's count of
+ *       echo requests received so far, this one included
+ *   30  crc (u32): 0 in a request; in a reply, the CRC-32 (IEEE 802.3, as
+ *       zlib.crc32) of the body as the guest received it
+ *   34  body: byte i is vdl_net_pattern(seq, i), up to frame_len
+ * Kinds:
+ *   1 echo request -> answered with kind 2: the request with the MACs
+ *     swapped, flags bit 0 set if the guest found the body intact, guest_seq
+ *     and crc filled in; same length;
+ *   3 stream frame -> checked and counted, never answered; the guest tracks
+ *     the sequence numbers (next expected = last + 1): a jump forward counts
+ *     the missing frames as "gap", a number not above the last as "dup";
+ *   4 stats query -> answered with kind 5 (MACs swapped, same length, at
+ *     least 90 bytes) whose body holds seven u64 counters: rx, tx, bad, gap,
+ *     dup, stream_rx, last stream seq (so a host can read the verdict of a
+ *     stream without parsing the console).
+ * A frame that is too short, has another magic, a frame_len different from
+ * its length, or a body that does not match the pattern counts as "bad" (and
+ * is still answered if it is an echo request, with flags bit 0 clear, so the
+ * host sees the guest's verdict).
+ *
+ * Kernel command line parameters (all optional):
+ *   vdl.if=NAME       interface (default: the first one that is not "lo")
+ *   vdl.queues=N      queue pairs to enable (default 0: all the device offers)
+ *   vdl.promisc=1     set IFF_PROMISC (default 1)
+ *   vdl.report_ms=1000  interval of the progress line while counters change
+ *
+ * Console lines (all start with "vdl-net: "):
+ *   vdl-net: ready if=eth0 ifindex=2 mac=52:54:00:12:34:56 queues=1/1 mtu=1500
+ *   vdl-net: rx N tx N bad B gap G dup D stream N other O txerr E
+ *   vdl-net: BAD what=... seq=... len=... (the first 16 bad frames)
+ *   vdl-net: FATAL message      (the guest then powers off)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/ethtool.h>
+#include <linux/if_packet.h>
+#include <linux/sockios.h>
+#include <net/ethernet.h>
+#include <net/if.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "net-pattern.h"
+
+#define MODDIR "/lib/vdl-modules"
+
+static int out_fd = 2;
+
+static void say(const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if (n > (int)sizeof(line) - 2)
+		n = sizeof(line) - 2;
+	line[n++] = '\n';
+	const char *p = line;
+	while (n > 0) {
+		ssize_t w = write(out_fd, p, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		p += w;
+		n -= w;
+	}
+}
+
+static void __attribute__((noreturn)) fatal(const char *fmt, ...)
+{
+	char msg[400];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	say("vdl-net: FATAL %s", msg);
+	sync();
+	reboot(RB_POWER_OFF);
+	for (;;)
+		pause();
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* ---- kernel command line ---- */
+
+static char cmdline[4096];
+
+static const char *param(const char *key)
+{
+	size_t klen = strlen(key);
+	for (char *p = cmdline; *p;) {
+		while (*p == ' ' || *p == '\n')
+			p++;
+		if (!strncmp(p, key, klen) && p[klen] == '=') {
+			static char val[256];
+			size_t i = 0;
+			p += klen + 1;
+			while (p[i] && p[i] != ' ' && p[i] != '\n' && i < sizeof(val) - 1) {
+				val[i] = p[i];
+				i++;
+			}
+			val[i] = 0;
+			return val;
+		}
+		while (*p && *p != ' ')
+			p++;
+	}
+	return NULL;
+}
+
+static uint64_t param_u64(const char *key, uint64_t def)
+{
+	const char *v = param(key);
+	if (!v)
+		return def;
+	char *end;
+	errno = 0;
+	uint64_t x = strtoull(v, &end, 10);
+	if (errno || *end || end == v)
+		fatal("bad value for %s: '%s'", key, v);
+	return x;
+}
+
+/* ---- setup ---- */
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void load_modules(void)
+{
+	DIR *d = opendir(MODDIR);
+	if (!d) {
+		say("vdl-net: no %s (%s): assuming a kernel with virtio built in", MODDIR,
+		    strerror(errno));
+		return;
+	}
+	char *names[64];
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d)) && n < 64) {
+		if (e->d_name[0] == '.')
+			continue;
+		names[n++] = strdup(e->d_name);
+	}
+	closedir(d);
+	qsort(names, n, sizeof(names[0]), cmp_str);
+	for (int i = 0; i < n; i++) {
+		char path[512];
+		snprintf(path, sizeof(path), "%s/%s", MODDIR, names[i]);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			fatal("open %s: %s", path, strerror(errno));
+		if (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST)
+			fatal("finit_module %s: %s", path, strerror(errno));
+		close(fd);
+		free(names[i]);
+	}
+	say("vdl-net: loaded %d modules", n);
+}
+
+static void write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return; /* no IPv6 in this kernel: nothing to silence */
+	if (write(fd, text, strlen(text)) < 0)
+		say("vdl-net: write %s: %s", path, strerror(errno));
+	close(fd);
+}
+
+/* The first interface in /sys/class/net that is not "lo", or vdl.if. */
+static int find_interface(char *name, size_t len)
+{
+	const char *want = param("vdl.if");
+	DIR *d = opendir("/sys/class/net");
+	if (!d)
+		return 0;
+	struct dirent *e;
+	int found = 0;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.' || !strcmp(e->d_name, "lo"))
+			continue;
+		if (want && strcmp(e->d_name, want))
+			continue;
+		if (strlen(e->d_name) >= len)
+			continue;
+		memcpy(name, e->d_name, strlen(e->d_name) + 1);
+		found = 1;
+		break;
+	}
+	closedir(d);
+	return found;
+}
+
+static unsigned set_channels(int fd, const char *ifname, unsigned want, unsigned *max)
+{
+	struct ethtool_channels ch = {.cmd = ETHTOOL_GCHANNELS};
+	struct ifreq ifr = {0};
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+	ifr.ifr_data = (void *)&ch;
+	if (ioctl(fd, SIOCETHTOOL, &ifr) != 0) {
+		say("vdl-net: ETHTOOL_GCHANNELS %s: %s", ifname, strerror(errno));
+		*max = 1;
+		return 1;
+	}
+	*max = ch.max_combined;
+	unsigned target = want ? want : ch.max_combined;
+	if (target > ch.max_combined)
+		fatal("vdl.queues=%u but the device offers %u queue pairs", target, ch.max_combined);
+	if (target != ch.combined_count) {
+		ch.cmd = ETHTOOL_SCHANNELS;
+		ch.combined_count = target;
+		if (ioctl(fd, SIOCETHTOOL, &ifr) != 0)
+			fatal("ETHTOOL_SCHANNELS combined=%u on %s: %s", target, ifname,
+			      strerror(errno));
+	}
+	return target;
+}
+
+/* ---- the responder ---- */
+
+struct counters {
+	uint64_t rx, tx, bad, gap, dup, stream_rx, other, txerr, echo;
+	uint64_t last_stream_seq; /* valid once stream_rx > 0 */
+};
+
+static struct counters c;
+static unsigned bad_printed;
+
+static void bad_frame(const char *what, uint32_t seq, size_t len)
+{
+	c.bad++;
+	if (bad_printed < 16) {
+		bad_printed++;
+		say("vdl-net: BAD what=%s seq=%" PRIu32 " len=%zu", what, seq, len);
+	}
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (uint8_t)v;
+}
+
+static void send_frame(int s, const uint8_t *f, size_t len)
+{
+	for (;;) {
+		ssize_t n = send(s, f, len, 0);
+		if (n == (ssize_t)len) {
+			c.tx++;
+			return;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == ENOBUFS || errno == EAGAIN)) {
+			/* TX ring full for a moment: wait for the device to complete some. */
+			usleep(1000);
+			continue;
+		}
+		c.txerr++;
+		if (c.txerr <= 16)
+			say("vdl-net: send %zu bytes: %s", len, n < 0 ? strerror(errno) : "short");
+		return;
+	}
+}
+
+static void swap_macs(uint8_t *f, const uint8_t *mac)
+{
+	memcpy(f, f + 6, 6);
+	memcpy(f + 6, mac, 6);
+}
+
+static void handle(int s, uint8_t *f, size_t len, const uint8_t *mac)
+{
+	if (len < VDL_NET_HDR_LEN || memcmp(f + 14, VDL_NET_MAGIC, 4)) {
+		c.other++;
+		return;
+	}
+	c.rx++;
+	uint8_t kind = f[18];
+	uint16_t flen = vdl_get_be16(f + 20);
+	uint32_t seq = vdl_get_be32(f + 22);
+	int ok = 1;
+	if (flen != len) {
+		bad_frame("frame_len", seq, len);
+		ok = 0;
+	} else if (!vdl_net_body_ok(f + VDL_NET_HDR_LEN, len - VDL_NET_HDR_LEN, seq)) {
+		bad_frame("body", seq, len);
+		ok = 0;
+	}
+	switch (kind) {
+	case VDL_NET_ECHO_REQ:
+		c.echo++;
+		swap_macs(f, mac);
+		f[18] = VDL_NET_ECHO_REPLY;
+		f[19] = ok ? 1 : 0;
+		vdl_put_be32(f + 26, (uint32_t)c.echo);
+		vdl_put_be32(f + 30, vdl_crc32(f + VDL_NET_HDR_LEN, len - VDL_NET_HDR_LEN));
+		send_frame(s, f, len);
+		break;
+	case VDL_NET_STREAM:
+		if (!ok)
+			break;
+		if (c.stream_rx > 0) {
+			if (seq > c.last_stream_seq + 1)
+				c.gap += seq - c.last_stream_seq - 1;
+			else if (seq <= c.last_stream_seq)
+				c.dup++;
+		}
+		if (c.stream_rx == 0 || seq > c.last_stream_seq)
+			c.last_stream_seq = seq;
+		c.stream_rx++;
+		break;
+	case VDL_NET_STATS_REQ:
+		if (len < VDL_NET_HDR_LEN + 7 * 8) {
+			bad_frame("stats_len", seq, len);
+			break;
+		}
+		swap_macs(f, mac);
+		f[18] = VDL_NET_STATS_REPLY;
+		f[19] = 1;
+		uint8_t *b = f + VDL_NET_HDR_LEN;
+		put_be64(b + 0, c.rx);
+		put_be64(b + 8, c.tx + 1); /* this reply included */
+		put_be64(b + 16, c.bad);
+		put_be64(b + 24, c.gap);
+		put_be64(b + 32, c.dup);
+		put_be64(b + 40, c.stream_rx);
+		put_be64(b + 48, c.last_stream_seq);
+		send_frame(s, f, len);
+		break;
+	default:
+		bad_frame("kind", seq, len);
+	}
+}
+
+static void report(void)
+{
+	say("vdl-net: rx %" PRIu64 " tx %" PRIu64 " bad %" PRIu64 " gap %" PRIu64 " dup %" PRIu64
+	    " stream %" PRIu64 " other %" PRIu64 " txerr %" PRIu64,
+	    c.rx, c.tx, c.bad, c.gap, c.dup, c.stream_rx, c.other, c.txerr);
+}
+
+int main(void)
+{
+	mkdir("/proc", 0555);
+	mkdir("/sys", 0555);
+	mkdir("/dev", 0755);
+	if (mount("proc", "/proc", "proc", 0, NULL) != 0)
+		say("vdl-net: mount /proc: %s", strerror(errno));
+	if (mount("sysfs", "/sys", "sysfs", 0, NULL) != 0)
+		say("vdl-net: mount /sys: %s", strerror(errno));
+	if (mount("devtmpfs", "/dev", "devtmpfs", 0, NULL) != 0)
+		say("vdl-net: mount /dev: %s", strerror(errno));
+	int con = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	if (con >= 0)
+		out_fd = con;
+
+	int cf = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	if (cf >= 0) {
+		ssize_t n = read(cf, cmdline, sizeof(cmdline) - 1);
+		if (n > 0)
+			cmdline[n] = 0;
+		close(cf);
+	}
+	unsigned want_queues = (unsigned)param_u64("vdl.queues", 0);
+	int promisc = (int)param_u64("vdl.promisc", 1);
+	uint64_t report_ms = param_u64("vdl.report_ms", 1000);
+
+	/* Before the interface exists, so it never starts IPv6 (no RS/DAD/MLD frames). */
+	write_file("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+	write_file("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
+	load_modules();
+
+	char ifname[IFNAMSIZ];
+	uint64_t t0 = now_ms();
+	while (!find_interface(ifname, sizeof(ifname))) {
+		if (now_ms() - t0 > 20000)
+			fatal("no network interface%s%s after 20 s", param("vdl.if") ? " " : "",
+			      param("vdl.if") ? param("vdl.if") : "");
+		usleep(20000);
+	}
+
+	int ctl = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (ctl < 0)
+		ctl = socket(AF_PACKET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (ctl < 0)
+		fatal("control socket: %s", strerror(errno));
+	unsigned max_queues = 1;
+	unsigned queues = set_channels(ctl, ifname, want_queues, &max_queues);
+
+	struct ifreq ifr = {0};
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+	if (ioctl(ctl, SIOCGIFFLAGS, &ifr) != 0)
+		fatal("SIOCGIFFLAGS %s: %s", ifname, strerror(errno));
+	ifr.ifr_flags |= IFF_UP | (promisc ? IFF_PROMISC : 0);
+	if (ioctl(ctl, SIOCSIFFLAGS, &ifr) != 0)
+		fatal("SIOCSIFFLAGS %s up: %s", ifname, strerror(errno));
+	if (ioctl(ctl, SIOCGIFHWADDR, &ifr) != 0)
+		fatal("SIOCGIFHWADDR %s: %s", ifname, strerror(errno));
+	uint8_t mac[6];
+	memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+	if (ioctl(ctl, SIOCGIFMTU, &ifr) != 0)
+		fatal("SIOCGIFMTU %s: %s", ifname, strerror(errno));
+	int mtu = ifr.ifr_mtu;
+	if (ioctl(ctl, SIOCGIFINDEX, &ifr) != 0)
+		fatal("SIOCGIFINDEX %s: %s", ifname, strerror(errno));
+	int ifindex = ifr.ifr_ifindex;
+
+	int s = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(VDL_NET_ETHERTYPE));
+	if (s < 0)
+		fatal("AF_PACKET socket: %s", strerror(errno));
+	struct sockaddr_ll sll = {
+		.sll_family = AF_PACKET,
+		.sll_protocol = htons(VDL_NET_ETHERTYPE),
+		.sll_ifindex = ifindex,
+	};
+	if (bind(s, (struct sockaddr *)&sll, sizeof(sll)) != 0)
+		fatal("bind AF_PACKET to %s: %s", ifname, strerror(errno));
+	int rcvbuf = 4 << 20;
+	setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf));
+
+	/* Wait for the carrier (VIRTIO_NET_S_LINK_UP, or always up without STATUS). */
+	char carrier_path[64 + IFNAMSIZ];
+	snprintf(carrier_path, sizeof(carrier_path), "/sys/class/net/%s/carrier", ifname);
+	t0 = now_ms();
+	for (;;) {
+		char v = '0';
+		int fd = open(carrier_path, O_RDONLY | O_CLOEXEC);
+		if (fd >= 0) {
+			if (read(fd, &v, 1) != 1)
+				v = '0';
+			close(fd);
+		}
+		if (v == '1')
+			break;
+		if (now_ms() - t0 > 20000)
+			fatal("%s: no carrier after 20 s", ifname);
+		usleep(20000);
+	}
+
+	say("vdl-net: ready if=%s ifindex=%d mac=%02x:%02x:%02x:%02x:%02x:%02x queues=%u/%u mtu=%d",
+	    ifname, ifindex, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], queues, max_queues,
+	    mtu);
+
+	static uint8_t frame[65536];
+	struct counters shown = {0};
+	uint64_t last_report = now_ms();
+	for (;;) {
+		struct pollfd pfd = {.fd = s, .events = POLLIN};
+		int pr = poll(&pfd, 1, (int)(report_ms ? report_ms : 1000));
+		if (pr < 0 && errno != EINTR)
+			fatal("poll: %s", strerror(errno));
+		if (pr > 0) {
+			/* Drain what is queued, then report. */
+			for (int i = 0; i < 256; i++) {
+				ssize_t n = recv(s, frame, sizeof(frame), MSG_DONTWAIT);
+				if (n < 0) {
+					if (errno != EAGAIN && errno != EINTR)
+						fatal("recv: %s", strerror(errno));
+					break;
+				}
+				handle(s, frame, (size_t)n, mac);
+			}
+		}
+		uint64_t t = now_ms();
+		if (memcmp(&shown, &c, sizeof(c)) && t - last_report >= report_ms) {
+			report();
+			shown = c;
+			last_report = t;
+		}
+	}
+}
