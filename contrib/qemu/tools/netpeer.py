@@ -367,7 +367,7 @@ def self_test(a):
             g.start()
             ca = argparse.Namespace(**vars(a))
             ca.port, ca.bind, ca.mode, ca.corrupt_every = port, bind, mode, corrupt
-            ca.frames, ca.timeout = 60, 2.0
+            ca.frames, ca.timeout = 60, 1.0
             good, res = run(ca)
             g.stop = True
             g.join()
