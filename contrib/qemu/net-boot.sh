@@ -9,6 +9,8 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 EXIT_NO_KVM=77
+EXIT_SKIP=77
+TAP=vdltap0
 backend=ours
 daemon="$VDL_REPO_DIR/target/release/vhost-dirtylog-net"
 queues=1
@@ -47,13 +49,19 @@ Backends:
               -netdev vhost-user (guest RAM: memory-backend-memfd,share=on)
   qemu-dgram  no daemon: QEMU's own -netdev dgram on the same kind of unix
               datagram port (the reference and self-test of this script)
+  qemu-tap    no daemon: QEMU's -netdev tap (queues=N, vhost=off) on a TAP that
+              QEMU creates in a new network namespace (unshare -n; nothing
+              leaves it), netpeer on an AF_PACKET socket on that TAP: the
+              multi-queue reference. Needs root and /dev/net/tun, else it exits
+              $EXIT_SKIP (skipped, with a banner)
 
 Options:
-  --backend ours|qemu-dgram   (default $backend)
+  --backend ours|qemu-dgram|qemu-tap   (default $backend)
   --daemon PATH         vhost-dirtylog-net (default target/release/vhost-dirtylog-net)
   --queues N            queue pairs (ours: --queues N, -netdev queues=N, mq=on,
-                        -smp N; the guest enables all of them) (default $queues;
-                        qemu-dgram: 1 only)
+                        -smp N; the guest enables all of them and runs one
+                        worker per queue pair; qemu-tap likewise) (default
+                        $queues; qemu-dgram: 1 only)
   --frames K            echo requests (default $frames)
   --control-frames K    echo requests of the guest check control (default
                         $control_frames; 0 skips it)
@@ -66,12 +74,14 @@ Options:
   -h, --help
 
 Exit status: 0 pass; 1 fail; 2 usage; 3 missing dependencies (the message says
-what to install or build); $EXIT_NO_KVM --accel kvm without a usable /dev/kvm.
+what to install or build); $EXIT_NO_KVM --accel kvm without a usable /dev/kvm,
+or qemu-tap without root or /dev/net/tun.
 The last line is "qemu-net: N passed, M failed" (boot, checker, echo, control,
 stream; "checker" is netpeer.py --self-test, the checker's own negative control).
 EOF
 }
 
+ARGS=("$@")
 need() { [[ $# -ge 2 && -n "$2" ]] || { echo "net-boot.sh: $1 needs a value" >&2; exit 2; }; }
 while [[ $# -gt 0 ]]; do
 	case "$1" in
@@ -94,11 +104,11 @@ done
 for v in queues frames control_frames stream_frames mem_mib boot_timeout timeout; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "net-boot.sh: --${v//_/-} must be a number" >&2; exit 2; }
 done
-case "$backend" in ours | qemu-dgram) ;; *) echo "net-boot.sh: --backend must be ours or qemu-dgram" >&2; exit 2 ;; esac
+case "$backend" in ours | qemu-dgram | qemu-tap) ;; *) echo "net-boot.sh: --backend must be ours, qemu-dgram or qemu-tap" >&2; exit 2 ;; esac
 case "$accel" in auto | kvm | tcg) ;; *) echo "net-boot.sh: --accel must be auto, kvm or tcg" >&2; exit 2 ;; esac
 [[ $frames -ge 1 ]] || { echo "net-boot.sh: --frames must be >= 1" >&2; exit 2; }
 [[ $queues -ge 1 && $queues -le 16 ]] || { echo "net-boot.sh: --queues must be 1..16" >&2; exit 2; }
-[[ $backend == ours || $queues -eq 1 ]] || { echo "net-boot.sh: -netdev dgram has one queue pair: --queues 1 with --backend qemu-dgram" >&2; exit 2; }
+[[ $backend != qemu-dgram || $queues -eq 1 ]] || { echo "net-boot.sh: -netdev dgram has one queue pair: --queues 1 with --backend qemu-dgram" >&2; exit 2; }
 [[ $mac =~ ^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$ ]] || { echo "net-boot.sh: --mac must look like 52:54:00:12:34:56" >&2; exit 2; }
 
 # ---------------------------------------------------------------- preflight
@@ -110,6 +120,19 @@ auto:*) vdl_log "no usable KVM (/dev/kvm: $kvm_state): TCG"; accel=tcg ;;
 tcg:*) ;;
 esac
 vdl_check_deps net || exit 3
+if [[ $backend == qemu-tap && -z ${VDL_NET_IN_NETNS:-} ]]; then
+	why=""
+	[[ $(id -u) -eq 0 ]] || why="not root"
+	[[ -c /dev/net/tun ]] || why="${why:+$why, }no /dev/net/tun"
+	command -v unshare >/dev/null || why="${why:+$why, }no unshare (util-linux)"
+	command -v ip >/dev/null || why="${why:+$why, }no ip (iproute2)"
+	if [[ -n $why ]]; then
+		vdl_banner "--backend qemu-tap SKIPPED: $why" "(it creates a TAP in a new network namespace)"
+		exit $EXIT_SKIP
+	fi
+	# again, in a new network namespace: the TAP and its traffic stay there
+	VDL_NET_IN_NETNS=1 exec unshare -n bash "${BASH_SOURCE[0]}" "${ARGS[@]}"
+fi
 if [[ $backend == ours && ! -x "$daemon" ]]; then
 	echo "net-boot.sh: our daemon '$daemon' is missing or not executable." >&2
 	echo "  build it: cargo build --release --bin vhost-dirtylog-net" >&2
@@ -214,6 +237,16 @@ if [[ $backend == ours ]]; then
 		device=(-device "virtio-net-pci,netdev=net0,mac=$mac,mq=on,vectors=$((2 * queues + 2))")
 		smp=$queues
 	fi
+elif [[ $backend == qemu-tap ]]; then
+	# in our own network namespace (see above): no IPv6 chatter on the TAP
+	echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null || true
+	ip link set lo up
+	netdev=(-netdev "tap,id=net0,ifname=$TAP,script=no,downscript=no,vhost=off,queues=$queues")
+	device=(-device "virtio-net-pci,netdev=net0,mac=$mac")
+	if [[ $queues -gt 1 ]]; then
+		device=(-device "virtio-net-pci,netdev=net0,mac=$mac,mq=on,vectors=$((2 * queues + 2))")
+		smp=$queues
+	fi
 else
 	netdev=(-netdev "dgram,id=net0,local.type=unix,local.path=$PORT,remote.type=unix,remote.path=$PEER")
 	device=(-device "virtio-net-pci,netdev=net0,mac=$mac")
@@ -229,6 +262,10 @@ qemu-system-x86_64 -name vdl-net \
 	-serial file:"$SERIAL" -qmp unix:"$SOCKDIR/qmp.sock",server=on,wait=off \
 	-display none -nodefaults -no-user-config -no-reboot >"$out/qemu.log" 2>&1 &
 PID[qemu]=$!
+if [[ $backend == qemu-tap ]]; then
+	for i in $(seq 200); do ip link show "$TAP" >/dev/null 2>&1 && break; sleep 0.05; done
+	ip link set "$TAP" up || { result boot FAIL "no TAP $TAP from QEMU: $(tail -n 1 "$out/qemu.log")"; finish; }
+fi
 
 # ---------------------------------------------------------------- 1. boot
 deadline=$((SECONDS + boot_timeout))
@@ -253,6 +290,7 @@ while :; do
 done
 guest_mac="$(sed -n 's/.* mac=\([0-9a-f:]*\).*/\1/p' <<<"$ready")"
 guest_queues="$(sed -n 's/.* queues=\([0-9]*\)\/.*/\1/p' <<<"$ready")"
+guest_workers="$(sed -n 's/.* workers=\([0-9]*\).*/\1/p' <<<"$ready")"
 if [[ ${guest_mac,,} != "${mac,,}" ]]; then
 	result boot FAIL "the guest's MAC is $guest_mac, QEMU was given $mac ($ready)"
 	finish
@@ -270,8 +308,10 @@ result boot ok "$((SECONDS - t0)) s: ${ready#vdl-net: }"
 rc=0
 python3 "$VDL_QEMU_DIR/tools/netpeer.py" --self-test >"$out/checker.log" 2>&1 || rc=$?
 if [[ $rc -eq 0 ]]; then result checker ok "$(tail -n 1 "$out/checker.log")"; else result checker FAIL "$(tail -n 1 "$out/checker.log")"; cat "$out/checker.log" >&2; fi
-NETPEER=(python3 "$VDL_QEMU_DIR/tools/netpeer.py" --port "$PORT" --bind "$PEER"
-	--guest-mac "$mac" --timeout "$timeout")
+NETPEER=(python3 "$VDL_QEMU_DIR/tools/netpeer.py" --guest-mac "$mac" --timeout "$timeout")
+if [[ $backend == qemu-tap ]]; then NETPEER+=(--iface "$TAP"); else NETPEER+=(--port "$PORT" --bind "$PEER"); fi
+# several guest workers (one per queue pair) may answer out of order
+[[ ${guest_workers:-1} -gt 1 ]] && NETPEER+=(--unordered)
 peer() { # peer NAME ARGS...: runs netpeer, records the result
 	local name="$1"; shift
 	local rc=0 line

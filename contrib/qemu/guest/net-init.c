@@ -13,6 +13,13 @@
  * 4. opens an AF_PACKET raw socket bound to that interface and to the test
  *    EtherType 0x88b5 (IEEE 802 "local experimental EtherType 1"), and loops:
  *    every test frame is checked, counted and, for an echo request, answered.
+ *    With several queue pairs there is one worker process per queue pair
+ *    (vdl.workers), pinned to CPU i, with its own socket in a PACKET_FANOUT_CPU
+ *    group: virtio_net gives RX/TX queue pair i's interrupt to CPU i
+ *    (virtnet_set_affinity) and maps CPU i to TX queue i (XPS), so a frame that
+ *    arrives on RX queue i is answered by worker i on TX queue i, and every
+ *    queue pair the device receives on also transmits. Counters are shared
+ *    (atomic); answers from different workers may leave out of order.
  *
  * Test frame layout (all integers big-endian; offsets in the Ethernet frame):
  *    0  dst MAC           6  src MAC          12  EtherType 0x88b5
@@ -45,10 +52,12 @@
  *   vdl.queues=N      queue pairs to enable (default 0: all the device offers)
  *   vdl.promisc=1     set IFF_PROMISC (default 1)
  *   vdl.report_ms=1000  interval of the progress line while counters change
+ *   vdl.workers=N     responder processes (default: enabled queue pairs,
+ *                     at most the online CPUs, at most 16)
  *
  * Console lines (all start with "vdl-net: "):
- *   vdl-net: ready if=eth0 ifindex=2 mac=52:54:00:12:34:56 queues=1/1 mtu=1500
- *   vdl-net: rx N tx N bad B gap G dup D stream N other O txerr E
+ *   vdl-net: ready if=eth0 ifindex=2 mac=52:54:00:12:34:56 queues=1/1 mtu=1500 workers=1
+ *   vdl-net: rx N tx N bad B gap G dup D stream N other O txerr E [per-worker rx a/b/..]
  *   vdl-net: BAD what=... seq=... len=... (the first 16 bad frames)
  *   vdl-net: FATAL message      (the guest then powers off)
  */
@@ -64,12 +73,14 @@
 #include <net/ethernet.h>
 #include <net/if.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
@@ -269,21 +280,26 @@ static unsigned set_channels(int fd, const char *ifname, unsigned want, unsigned
 
 /* ---- the responder ---- */
 
+#define MAX_WORKERS 16
+
+/* Shared by all workers (MAP_SHARED), updated with atomic adds. */
 struct counters {
 	uint64_t rx, tx, bad, gap, dup, stream_rx, other, txerr, echo;
 	uint64_t last_stream_seq; /* valid once stream_rx > 0 */
+	uint64_t worker_rx[MAX_WORKERS];
+	uint32_t bad_printed, stream_lock, joined;
 };
 
-static struct counters c;
-static unsigned bad_printed;
+static struct counters *c;
+static unsigned worker; /* this process's worker index */
+
+#define ADD(field, n) __atomic_add_fetch(&c->field, (n), __ATOMIC_RELAXED)
 
 static void bad_frame(const char *what, uint32_t seq, size_t len)
 {
-	c.bad++;
-	if (bad_printed < 16) {
-		bad_printed++;
-		say("vdl-net: BAD what=%s seq=%" PRIu32 " len=%zu", what, seq, len);
-	}
+	ADD(bad, 1);
+	if (ADD(bad_printed, 1) <= 16)
+		say("vdl-net: BAD what=%s seq=%" PRIu32 " len=%zu worker=%u", what, seq, len, worker);
 }
 
 static void put_be64(uint8_t *p, uint64_t v)
@@ -297,7 +313,7 @@ static void send_frame(int s, const uint8_t *f, size_t len)
 	for (;;) {
 		ssize_t n = send(s, f, len, 0);
 		if (n == (ssize_t)len) {
-			c.tx++;
+			ADD(tx, 1);
 			return;
 		}
 		if (n < 0 && errno == EINTR)
@@ -307,8 +323,7 @@ static void send_frame(int s, const uint8_t *f, size_t len)
 			usleep(1000);
 			continue;
 		}
-		c.txerr++;
-		if (c.txerr <= 16)
+		if (ADD(txerr, 1) <= 16)
 			say("vdl-net: send %zu bytes: %s", len, n < 0 ? strerror(errno) : "short");
 		return;
 	}
@@ -323,10 +338,11 @@ static void swap_macs(uint8_t *f, const uint8_t *mac)
 static void handle(int s, uint8_t *f, size_t len, const uint8_t *mac)
 {
 	if (len < VDL_NET_HDR_LEN || memcmp(f + 14, VDL_NET_MAGIC, 4)) {
-		c.other++;
+		ADD(other, 1);
 		return;
 	}
-	c.rx++;
+	ADD(rx, 1);
+	ADD(worker_rx[worker], 1);
 	uint8_t kind = f[18];
 	uint16_t flen = vdl_get_be16(f + 20);
 	uint32_t seq = vdl_get_be32(f + 22);
@@ -340,26 +356,28 @@ static void handle(int s, uint8_t *f, size_t len, const uint8_t *mac)
 	}
 	switch (kind) {
 	case VDL_NET_ECHO_REQ:
-		c.echo++;
 		swap_macs(f, mac);
 		f[18] = VDL_NET_ECHO_REPLY;
 		f[19] = ok ? 1 : 0;
-		vdl_put_be32(f + 26, (uint32_t)c.echo);
+		vdl_put_be32(f + 26, (uint32_t)ADD(echo, 1));
 		vdl_put_be32(f + 30, vdl_crc32(f + VDL_NET_HDR_LEN, len - VDL_NET_HDR_LEN));
 		send_frame(s, f, len);
 		break;
 	case VDL_NET_STREAM:
 		if (!ok)
 			break;
-		if (c.stream_rx > 0) {
-			if (seq > c.last_stream_seq + 1)
-				c.gap += seq - c.last_stream_seq - 1;
-			else if (seq <= c.last_stream_seq)
-				c.dup++;
+		while (__atomic_exchange_n(&c->stream_lock, 1, __ATOMIC_ACQUIRE))
+			;
+		if (c->stream_rx > 0) {
+			if (seq > c->last_stream_seq + 1)
+				c->gap += seq - c->last_stream_seq - 1;
+			else if (seq <= c->last_stream_seq)
+				c->dup++;
 		}
-		if (c.stream_rx == 0 || seq > c.last_stream_seq)
-			c.last_stream_seq = seq;
-		c.stream_rx++;
+		if (c->stream_rx == 0 || seq > c->last_stream_seq)
+			c->last_stream_seq = seq;
+		c->stream_rx++;
+		__atomic_store_n(&c->stream_lock, 0, __ATOMIC_RELEASE);
 		break;
 	case VDL_NET_STATS_REQ:
 		if (len < VDL_NET_HDR_LEN + 7 * 8) {
@@ -370,13 +388,16 @@ static void handle(int s, uint8_t *f, size_t len, const uint8_t *mac)
 		f[18] = VDL_NET_STATS_REPLY;
 		f[19] = 1;
 		uint8_t *b = f + VDL_NET_HDR_LEN;
-		put_be64(b + 0, c.rx);
-		put_be64(b + 8, c.tx + 1); /* this reply included */
-		put_be64(b + 16, c.bad);
-		put_be64(b + 24, c.gap);
-		put_be64(b + 32, c.dup);
-		put_be64(b + 40, c.stream_rx);
-		put_be64(b + 48, c.last_stream_seq);
+		while (__atomic_exchange_n(&c->stream_lock, 1, __ATOMIC_ACQUIRE))
+			;
+		put_be64(b + 0, c->rx);
+		put_be64(b + 8, c->tx + 1); /* this reply included */
+		put_be64(b + 16, c->bad);
+		put_be64(b + 24, c->gap);
+		put_be64(b + 32, c->dup);
+		put_be64(b + 40, c->stream_rx);
+		put_be64(b + 48, c->last_stream_seq);
+		__atomic_store_n(&c->stream_lock, 0, __ATOMIC_RELEASE);
 		send_frame(s, f, len);
 		break;
 	default:
@@ -384,11 +405,56 @@ static void handle(int s, uint8_t *f, size_t len, const uint8_t *mac)
 	}
 }
 
-static void report(void)
+static void report(const struct counters *s, unsigned workers)
 {
+	char per[MAX_WORKERS * 21 + 32] = "";
+	if (workers > 1) {
+		size_t o = (size_t)snprintf(per, sizeof(per), " per-worker rx ");
+		for (unsigned i = 0; i < workers && o < sizeof(per); i++)
+			o += (size_t)snprintf(per + o, sizeof(per) - o, "%s%" PRIu64, i ? "/" : "",
+					      s->worker_rx[i]);
+	}
 	say("vdl-net: rx %" PRIu64 " tx %" PRIu64 " bad %" PRIu64 " gap %" PRIu64 " dup %" PRIu64
-	    " stream %" PRIu64 " other %" PRIu64 " txerr %" PRIu64,
-	    c.rx, c.tx, c.bad, c.gap, c.dup, c.stream_rx, c.other, c.txerr);
+	    " stream %" PRIu64 " other %" PRIu64 " txerr %" PRIu64 "%s",
+	    s->rx, s->tx, s->bad, s->gap, s->dup, s->stream_rx, s->other, s->txerr, per);
+}
+
+/* Worker loop: answers the frames of socket s; worker 0 also prints progress. */
+static void __attribute__((noreturn)) serve(int s, const uint8_t *mac, unsigned workers,
+					    uint64_t report_ms)
+{
+	static uint8_t frame[65536];
+	struct counters shown = {0};
+	uint64_t last_report = now_ms();
+	for (;;) {
+		struct pollfd pfd = {.fd = s, .events = POLLIN};
+		int pr = poll(&pfd, 1, (int)(report_ms ? report_ms : 1000));
+		if (pr < 0 && errno != EINTR)
+			fatal("poll: %s", strerror(errno));
+		if (pr > 0) {
+			/* Drain what is queued, then report. */
+			for (int i = 0; i < 256; i++) {
+				ssize_t n = recv(s, frame, sizeof(frame), MSG_DONTWAIT);
+				if (n < 0) {
+					if (errno != EAGAIN && errno != EINTR)
+						fatal("recv: %s", strerror(errno));
+					break;
+				}
+				handle(s, frame, (size_t)n, mac);
+			}
+		}
+		if (worker != 0)
+			continue;
+		uint64_t t = now_ms();
+		struct counters now;
+		memcpy(&now, c, sizeof(now));
+		now.bad_printed = now.stream_lock = now.joined = 0;
+		if (memcmp(&shown, &now, sizeof(now)) && t - last_report >= report_ms) {
+			report(&now, workers);
+			shown = now;
+			last_report = t;
+		}
+	}
 }
 
 int main(void)
@@ -457,18 +523,40 @@ int main(void)
 		fatal("SIOCGIFINDEX %s: %s", ifname, strerror(errno));
 	int ifindex = ifr.ifr_ifindex;
 
-	int s = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(VDL_NET_ETHERTYPE));
-	if (s < 0)
-		fatal("AF_PACKET socket: %s", strerror(errno));
-	struct sockaddr_ll sll = {
-		.sll_family = AF_PACKET,
-		.sll_protocol = htons(VDL_NET_ETHERTYPE),
-		.sll_ifindex = ifindex,
-	};
-	if (bind(s, (struct sockaddr *)&sll, sizeof(sll)) != 0)
-		fatal("bind AF_PACKET to %s: %s", ifname, strerror(errno));
-	int rcvbuf = 4 << 20;
-	setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf));
+	c = mmap(NULL, sizeof(*c), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (c == MAP_FAILED)
+		fatal("mmap counters: %s", strerror(errno));
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	unsigned workers = queues;
+	if (ncpu > 0 && workers > (unsigned)ncpu)
+		workers = (unsigned)ncpu;
+	workers = (unsigned)param_u64("vdl.workers", workers);
+	if (workers < 1 || workers > MAX_WORKERS)
+		fatal("vdl.workers must be 1..%d", MAX_WORKERS);
+
+	/* All sockets join the fanout group in worker order before any frame
+	 * arrives: PACKET_FANOUT_CPU picks member (cpu % members) in join order. */
+	int socks[MAX_WORKERS];
+	for (unsigned w = 0; w < workers; w++) {
+		int s = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, htons(VDL_NET_ETHERTYPE));
+		if (s < 0)
+			fatal("AF_PACKET socket: %s", strerror(errno));
+		struct sockaddr_ll sll = {
+			.sll_family = AF_PACKET,
+			.sll_protocol = htons(VDL_NET_ETHERTYPE),
+			.sll_ifindex = ifindex,
+		};
+		if (bind(s, (struct sockaddr *)&sll, sizeof(sll)) != 0)
+			fatal("bind AF_PACKET to %s: %s", ifname, strerror(errno));
+		int rcvbuf = 4 << 20;
+		setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof(rcvbuf));
+		if (workers > 1) {
+			int fanout = 0x5644 | (PACKET_FANOUT_CPU << 16);
+			if (setsockopt(s, SOL_PACKET, PACKET_FANOUT, &fanout, sizeof(fanout)) != 0)
+				fatal("PACKET_FANOUT: %s", strerror(errno));
+		}
+		socks[w] = s;
+	}
 
 	/* Wait for the carrier (VIRTIO_NET_S_LINK_UP, or always up without STATUS). */
 	char carrier_path[64 + IFNAMSIZ];
@@ -489,35 +577,31 @@ int main(void)
 		usleep(20000);
 	}
 
-	say("vdl-net: ready if=%s ifindex=%d mac=%02x:%02x:%02x:%02x:%02x:%02x queues=%u/%u mtu=%d",
-	    ifname, ifindex, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], queues, max_queues,
-	    mtu);
-
-	static uint8_t frame[65536];
-	struct counters shown = {0};
-	uint64_t last_report = now_ms();
-	for (;;) {
-		struct pollfd pfd = {.fd = s, .events = POLLIN};
-		int pr = poll(&pfd, 1, (int)(report_ms ? report_ms : 1000));
-		if (pr < 0 && errno != EINTR)
-			fatal("poll: %s", strerror(errno));
-		if (pr > 0) {
-			/* Drain what is queued, then report. */
-			for (int i = 0; i < 256; i++) {
-				ssize_t n = recv(s, frame, sizeof(frame), MSG_DONTWAIT);
-				if (n < 0) {
-					if (errno != EAGAIN && errno != EINTR)
-						fatal("recv: %s", strerror(errno));
-					break;
-				}
-				handle(s, frame, (size_t)n, mac);
-			}
-		}
-		uint64_t t = now_ms();
-		if (memcmp(&shown, &c, sizeof(c)) && t - last_report >= report_ms) {
-			report();
-			shown = c;
-			last_report = t;
+	for (unsigned w = 1; w < workers; w++) {
+		pid_t pid = fork();
+		if (pid < 0)
+			fatal("fork: %s", strerror(errno));
+		if (pid == 0) {
+			worker = w;
+			break;
 		}
 	}
+	if (workers > 1) {
+		cpu_set_t set;
+		CPU_ZERO(&set);
+		CPU_SET(ncpu > 0 ? worker % (unsigned)ncpu : 0, &set);
+		if (sched_setaffinity(0, sizeof(set), &set) != 0)
+			say("vdl-net: worker %u: sched_setaffinity: %s", worker, strerror(errno));
+	}
+	ADD(joined, 1);
+	if (worker != 0)
+		serve(socks[worker], mac, workers, report_ms);
+	/* "ready" once every worker runs on its CPU */
+	while (__atomic_load_n(&c->joined, __ATOMIC_ACQUIRE) < workers)
+		usleep(1000);
+
+	say("vdl-net: ready if=%s ifindex=%d mac=%02x:%02x:%02x:%02x:%02x:%02x queues=%u/%u mtu=%d workers=%u",
+	    ifname, ifindex, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], queues, max_queues,
+	    mtu, workers);
+	serve(socks[worker], mac, workers, report_ms);
 }

@@ -25,6 +25,15 @@ Modes:
 Both modes ask the guest for its counters before and after (kind 4 / 5) and
 print the differences.
 
+--unordered (for a guest with several workers, one per queue pair, whose
+answers may leave in any order): the guest's sequence numbers of the echo
+answers must be exactly base+1..base+K in any order, the rest of each answer is
+still compared byte for byte; a stream must arrive complete and intact, its
+order is not checked (the guest's gap/dup counters are printed only).
+
+--iface IFNAME talks through an AF_PACKET socket on a network interface (a TAP
+in a test network namespace, root needed) instead of a unix datagram port.
+
 Exit: 0 every check passed, 1 a check failed (lost, wrong or unexpected
 answer), 2 bad arguments or the port is unusable.
 
@@ -97,26 +106,35 @@ def build(dst, src, kind, seq, size, body=True):
 
 
 class Peer:
-    def __init__(self, port, bind, mac, guest_mac, timeout):
+    def __init__(self, port, bind, mac, guest_mac, timeout, iface=None):
         self.port, self.bind_path, self.mac, self.guest_mac = port, bind, mac, guest_mac
         self.timeout = timeout
         self.other = 0  # frames that are not answers to us
-        if os.path.exists(bind):
-            os.unlink(bind)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(bind)
+        if iface:
+            self.bind_path = None
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+            self.sock.bind((iface, ETHERTYPE))
+        else:
+            if os.path.exists(bind):
+                os.unlink(bind)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.bind(bind)
         self.sock.settimeout(timeout)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 
     def close(self):
         self.sock.close()
-        try:
-            os.unlink(self.bind_path)
-        except OSError:
-            pass
+        if self.bind_path:
+            try:
+                os.unlink(self.bind_path)
+            except OSError:
+                pass
 
     def send(self, f):
-        self.sock.sendto(bytes(f), self.port)
+        if self.bind_path is None:
+            self.sock.send(bytes(f))
+        else:
+            self.sock.sendto(bytes(f), self.port)
 
     def recv(self, timeout):
         """One frame of ours (EtherType and dst MAC), or None on timeout."""
@@ -152,6 +170,7 @@ def run_echo(p, a, res):
     frames, window, corrupt = a.frames, a.window, a.corrupt_every
     outstanding = {}  # seq -> (k, request bytes as sent, expected flags)
     base = None  # guest echo count before our first request
+    gseqs = set()  # --unordered: the guest sequence numbers seen
     ok = wrong = unexpected = corrupted = flagged = 0
     first_wrong = None
     k = 0  # echo requests sent
@@ -189,7 +208,12 @@ def run_echo(p, a, res):
         exp = bytearray(req)
         exp[0:6], exp[6:12] = p.mac, p.guest_mac
         exp[18], exp[19] = ECHO_REPLY, flags
-        struct.pack_into(">II", exp, 26, (base + kk) & 0xFFFFFFFF, zlib.crc32(req[HDR:]))
+        want_gseq = (base + kk) & 0xFFFFFFFF
+        if a.unordered:
+            want_gseq = gseq if gseq not in gseqs else None
+            gseqs.add(gseq)
+        struct.pack_into(">II", exp, 26, 0 if want_gseq is None else want_gseq,
+                         zlib.crc32(req[HDR:]))
         if f == exp:
             ok += 1
             flagged += flags == 0
@@ -203,6 +227,13 @@ def run_echo(p, a, res):
                     first_wrong = (f"seq {seq} ({len(f)} bytes): byte {off} is 0x{f[off]:02x}, "
                                    f"expected 0x{exp[off]:02x}")
     secs = time.monotonic() - t0
+    if a.unordered and ok == frames and not outstanding:
+        # K distinct guest sequence numbers: they must be consecutive
+        lo = min(gseqs)
+        if max(gseqs) - lo != frames - 1:
+            wrong += 1
+            first_wrong = (f"guest sequence numbers {lo}..{max(gseqs)} are not "
+                           f"{frames} consecutive numbers")
     res.update(sent=k, ok=ok, wrong=wrong, lost=len(outstanding), unexpected=unexpected,
                corrupted=corrupted, flagged=flagged, seconds=round(secs, 3),
                frames_per_s=round(ok / secs, 1) if secs > 0 else 0)
@@ -229,9 +260,9 @@ def run(a):
     """One run; returns (passed, result dict)."""
     res = {"mode": a.mode, "frames": a.frames, "port": a.port}
     try:
-        p = Peer(a.port, a.bind, a.mac, a.guest_mac, a.timeout)
+        p = Peer(a.port, a.bind, a.mac, a.guest_mac, a.timeout, a.iface)
     except OSError as e:
-        res["error"] = f"cannot bind {a.bind}: {e}"
+        res["error"] = f"cannot bind {a.iface or a.bind}: {e}"
         return None, res
     try:
         before = p.stats(0xFFFF0000)
@@ -257,9 +288,9 @@ def run(a):
         if a.mode == "echo":
             good = good and d["bad"] == res["corrupted"] == res["flagged"]
         else:
-            good = (d["stream_rx"] == a.frames and d["gap"] == 0 and d["dup"] == 0
-                    and d["bad"] == 0
-                    and after["last_stream_seq"] == a.seq_start + a.frames - 1)
+            good = (d["stream_rx"] == a.frames and d["bad"] == 0
+                    and after["last_stream_seq"] == a.seq_start + a.frames - 1
+                    and (a.unordered or (d["gap"] == 0 and d["dup"] == 0)))
             res["last_stream_seq"] = after["last_stream_seq"]
         res["other_frames"] = p.other
         return good, res
@@ -326,7 +357,12 @@ class FakeGuest(threading.Thread):
                 f[18], f[19] = ECHO_REPLY, int(ok)
                 if self.fault == "noflag":
                     f[19] = 1
-                struct.pack_into(">II", f, 26, self.echo, zlib.crc32(f[HDR:]))
+                gseq = self.echo
+                if self.fault == "unordered":  # swap the numbers of pairs
+                    gseq = self.echo + 1 if self.echo % 2 else self.echo - 1
+                if self.fault == "unordered-dup" and self.echo == 9:
+                    gseq = 8
+                struct.pack_into(">II", f, 26, gseq, zlib.crc32(f[HDR:]))
                 if self.fault == "flip" and self.echo == 5:
                     f[-1] ^= 1
                 if self.fault == "crc" and self.echo == 3:
@@ -358,6 +394,7 @@ def self_test(a):
         ("echo", None, 0, True), ("echo", None, 5, True), ("echo", "flip", 0, False),
         ("echo", "crc", 0, False), ("echo", "drop", 0, False), ("echo", "dup", 0, False),
         ("echo", "noflag", 4, False), ("stream", None, 0, True), ("stream", "drop", 0, False),
+        ("echo", "unordered", 0, True), ("echo", "unordered-dup", 0, False),
     ]
     failures = 0
     with tempfile.TemporaryDirectory(prefix="vdl-netpeer-") as d:
@@ -367,6 +404,7 @@ def self_test(a):
             g.start()
             ca = argparse.Namespace(**vars(a))
             ca.port, ca.bind, ca.mode, ca.corrupt_every = port, bind, mode, corrupt
+            ca.unordered = fault is not None and fault.startswith("unordered")
             ca.frames, ca.timeout = 60, 1.0
             good, res = run(ca)
             g.stop = True
@@ -402,14 +440,17 @@ def main():
                     help="the guest's MAC (default 52:54:00:12:34:56)")
     ap.add_argument("--timeout", type=float, default=10.0,
                     help="seconds without an answer before giving up (default 10)")
+    ap.add_argument("--unordered", action="store_true",
+                    help="answers may come in any order (a guest with several workers)")
+    ap.add_argument("--iface", help="use an AF_PACKET socket on this interface instead of --port/--bind")
     ap.add_argument("--json", help="write the result as JSON here")
     ap.add_argument("--self-test", action="store_true",
                     help="run the checker against an in-process fake guest, correct and broken")
     a = ap.parse_args()
     if a.self_test:
         return self_test(a)
-    if not a.port or not a.bind:
-        ap.error("--port and --bind are required")
+    if not a.iface and (not a.port or not a.bind):
+        ap.error("--port and --bind (or --iface) are required")
     if a.frames < 1 or a.window < 1 or a.corrupt_every < 0 or a.rate < 0:
         ap.error("--frames and --window must be >= 1, --corrupt-every and --rate >= 0")
     if a.mode == "stream" and a.corrupt_every:
