@@ -11,6 +11,7 @@ set -euo pipefail
 EXIT_NO_KVM=77
 EXIT_SKIP=77
 TAP=vdltap0
+VETH_DPDK=vdlv0 VETH_PEER=vdlv1
 backend=ours
 daemon="$VDL_REPO_DIR/target/release/vhost-dirtylog-net"
 queues=1
@@ -54,13 +55,20 @@ Backends:
               leaves it), netpeer on an AF_PACKET socket on that TAP: the
               multi-queue reference. Needs root and /dev/net/tun, else it exits
               $EXIT_SKIP (skipped, with a banner)
+  dpdk        DPDK's vhost-user-net backend (dpdk-testpmd: net_vhost port with
+              queues=N, io-forwarding to a net_af_packet port on one end of a
+              veth pair in a new network namespace; netpeer on the other end):
+              the reference vhost-user-net backend, same QEMU command line as
+              ours. Needs root (else exit $EXIT_SKIP) and dpdk-testpmd
+              (install-deps.sh --dpdk; else exit 3). testpmd polls: it keeps
+              one host CPU busy while it runs
 
 Options:
-  --backend ours|qemu-dgram|qemu-tap   (default $backend)
+  --backend ours|qemu-dgram|qemu-tap|dpdk   (default $backend)
   --daemon PATH         vhost-dirtylog-net (default target/release/vhost-dirtylog-net)
   --queues N            queue pairs (ours: --queues N, -netdev queues=N, mq=on,
                         -smp N; the guest enables all of them and runs one
-                        worker per queue pair; qemu-tap likewise) (default
+                        worker per queue pair; qemu-tap, dpdk likewise) (default
                         $queues; qemu-dgram: 1 only)
   --frames K            echo requests (default $frames)
   --control-frames K    echo requests of the guest check control (default
@@ -75,7 +83,7 @@ Options:
 
 Exit status: 0 pass; 1 fail; 2 usage; 3 missing dependencies (the message says
 what to install or build); $EXIT_NO_KVM --accel kvm without a usable /dev/kvm,
-or qemu-tap without root or /dev/net/tun.
+or qemu-tap / dpdk without root (or /dev/net/tun).
 The last line is "qemu-net: N passed, M failed" (boot, checker, echo, control,
 stream; "checker" is netpeer.py --self-test, the checker's own negative control).
 EOF
@@ -104,7 +112,7 @@ done
 for v in queues frames control_frames stream_frames mem_mib boot_timeout timeout; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "net-boot.sh: --${v//_/-} must be a number" >&2; exit 2; }
 done
-case "$backend" in ours | qemu-dgram | qemu-tap) ;; *) echo "net-boot.sh: --backend must be ours, qemu-dgram or qemu-tap" >&2; exit 2 ;; esac
+case "$backend" in ours | qemu-dgram | qemu-tap | dpdk) ;; *) echo "net-boot.sh: --backend must be ours, qemu-dgram, qemu-tap or dpdk" >&2; exit 2 ;; esac
 case "$accel" in auto | kvm | tcg) ;; *) echo "net-boot.sh: --accel must be auto, kvm or tcg" >&2; exit 2 ;; esac
 [[ $frames -ge 1 ]] || { echo "net-boot.sh: --frames must be >= 1" >&2; exit 2; }
 [[ $queues -ge 1 && $queues -le 16 ]] || { echo "net-boot.sh: --queues must be 1..16" >&2; exit 2; }
@@ -120,17 +128,22 @@ auto:*) vdl_log "no usable KVM (/dev/kvm: $kvm_state): TCG"; accel=tcg ;;
 tcg:*) ;;
 esac
 vdl_check_deps net || exit 3
-if [[ $backend == qemu-tap && -z ${VDL_NET_IN_NETNS:-} ]]; then
+if [[ $backend == dpdk ]] && ! command -v dpdk-testpmd >/dev/null 2>&1; then
+	echo "missing: dpdk-testpmd (Debian package dpdk-dev; with librte-net-vhost23 and librte-net-af-packet23)" >&2
+	echo "To install it: sudo bash $VDL_QEMU_DIR/install-deps.sh --dpdk" >&2
+	exit 3
+fi
+if [[ ($backend == qemu-tap || $backend == dpdk) && -z ${VDL_NET_IN_NETNS:-} ]]; then
 	why=""
 	[[ $(id -u) -eq 0 ]] || why="not root"
-	[[ -c /dev/net/tun ]] || why="${why:+$why, }no /dev/net/tun"
+	[[ $backend == dpdk || -c /dev/net/tun ]] || why="${why:+$why, }no /dev/net/tun"
 	command -v unshare >/dev/null || why="${why:+$why, }no unshare (util-linux)"
 	command -v ip >/dev/null || why="${why:+$why, }no ip (iproute2)"
 	if [[ -n $why ]]; then
-		vdl_banner "--backend qemu-tap SKIPPED: $why" "(it creates a TAP in a new network namespace)"
+		vdl_banner "--backend $backend SKIPPED: $why" "(it creates its interfaces in a new network namespace)"
 		exit $EXIT_SKIP
 	fi
-	# again, in a new network namespace: the TAP and its traffic stay there
+	# again, in a new network namespace: the interfaces and their traffic stay there
 	VDL_NET_IN_NETNS=1 exec unshare -n bash "${BASH_SOURCE[0]}" "${ARGS[@]}"
 fi
 if [[ $backend == ours && ! -x "$daemon" ]]; then
@@ -198,7 +211,7 @@ finish() {
 	else
 		vdl_banner "FAIL: net guest on $backend backend; logs: $out" "${results[@]}"
 		tail -n 15 "$SERIAL" >&2 2>/dev/null || true
-		[[ $backend == ours ]] && tail -n 15 "$out/daemon.log" >&2 2>/dev/null || true
+		[[ $backend == ours || $backend == dpdk ]] && tail -n 15 "$out/daemon.log" >&2 2>/dev/null || true
 	fi
 	echo "qemu-net: $passed passed, $failed failed"
 	[[ $failed -eq 0 ]] && exit 0
@@ -234,6 +247,39 @@ if [[ $backend == ours ]]; then
 	device=(-device "virtio-net-pci,netdev=net0,mac=$mac")
 	if [[ $queues -gt 1 ]]; then
 		# MSI-X vectors: one per virtqueue (2 per queue pair) + control + config
+		device=(-device "virtio-net-pci,netdev=net0,mac=$mac,mq=on,vectors=$((2 * queues + 2))")
+		smp=$queues
+	fi
+elif [[ $backend == dpdk ]]; then
+	# in our own network namespace (see above)
+	echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null || true
+	ip link set lo up
+	ip link add "$VETH_DPDK" type veth peer name "$VETH_PEER"
+	ip link set "$VETH_DPDK" up
+	ip link set "$VETH_PEER" up
+	dpdk_prefix="vdl-net-$$"
+	vdl_log "dpdk: $(dpkg-query -W -f '${Version}' dpdk-dev 2>/dev/null || echo '?') dpdk-testpmd"
+	# --no-huge: no hugepages needed (guest RAM comes from QEMU's memfd);
+	# io forwarding: vhost port 0 queue i <-> af_packet port 1 queue i
+	dpdk-testpmd --no-huge -m 256 --no-pci --file-prefix "$dpdk_prefix" \
+		--vdev "net_vhost0,iface=$VHOST_SOCK,queues=$queues" \
+		--vdev "net_af_packet0,iface=$VETH_DPDK,qpairs=$queues" \
+		-- --forward-mode=io --auto-start --stats-period 5 --total-num-mbufs=16384 \
+		--rxq="$queues" --txq="$queues" --nb-cores=1 </dev/null >"$out/daemon.log" 2>&1 &
+	PID[daemon]=$!
+	deadline=$((SECONDS + 30))
+	until [[ -S $VHOST_SOCK ]]; do
+		if ! alive daemon || ((SECONDS >= deadline)); then
+			tail -n 20 "$out/daemon.log" >&2
+			result boot FAIL "dpdk-testpmd did not create $VHOST_SOCK"
+			finish
+		fi
+		sleep 0.05
+	done
+	netdev=(-chardev "socket,id=char0,path=$VHOST_SOCK"
+		-netdev "vhost-user,id=net0,chardev=char0,queues=$queues")
+	device=(-device "virtio-net-pci,netdev=net0,mac=$mac")
+	if [[ $queues -gt 1 ]]; then
 		device=(-device "virtio-net-pci,netdev=net0,mac=$mac,mq=on,vectors=$((2 * queues + 2))")
 		smp=$queues
 	fi
@@ -309,7 +355,11 @@ rc=0
 python3 "$VDL_QEMU_DIR/tools/netpeer.py" --self-test >"$out/checker.log" 2>&1 || rc=$?
 if [[ $rc -eq 0 ]]; then result checker ok "$(tail -n 1 "$out/checker.log")"; else result checker FAIL "$(tail -n 1 "$out/checker.log")"; cat "$out/checker.log" >&2; fi
 NETPEER=(python3 "$VDL_QEMU_DIR/tools/netpeer.py" --guest-mac "$mac" --timeout "$timeout")
-if [[ $backend == qemu-tap ]]; then NETPEER+=(--iface "$TAP"); else NETPEER+=(--port "$PORT" --bind "$PEER"); fi
+case $backend in
+qemu-tap) NETPEER+=(--iface "$TAP") ;;
+dpdk) NETPEER+=(--iface "$VETH_PEER") ;;
+*) NETPEER+=(--port "$PORT" --bind "$PEER") ;;
+esac
 # several guest workers (one per queue pair) may answer out of order
 [[ ${guest_workers:-1} -gt 1 ]] && NETPEER+=(--unordered)
 peer() { # peer NAME ARGS...: runs netpeer, records the result
@@ -332,12 +382,16 @@ if grep -a -q 'vdl-net: FATAL' "$SERIAL"; then
 	result guest FAIL "$(grep -a -m1 'vdl-net: FATAL' "$SERIAL" | tr -d '\r')"
 fi
 alive qemu || result qemu FAIL "QEMU exited: $(tail -n 1 "$out/qemu.log")"
-if [[ $backend == ours ]]; then
+if [[ $backend == ours || $backend == dpdk ]]; then
 	alive daemon || result daemon FAIL "the daemon exited: $(tail -n 1 "$out/daemon.log")"
 	if grep -a -q -i 'panicked' "$out/daemon.log"; then result daemon FAIL "the daemon panicked: $(grep -a -m1 -i panicked "$out/daemon.log")"; fi
 fi
 python3 "$VDL_QEMU_DIR/tools/qmp.py" "$SOCKDIR/qmp.sock" quit >/dev/null 2>&1 || true
 stop_proc qemu 10
-[[ $backend == ours ]] && stop_proc daemon 10
+if [[ $backend == ours || $backend == dpdk ]]; then stop_proc daemon 10; fi
+if [[ $backend == dpdk ]]; then
+	vdl_log "dpdk-testpmd: $(grep -a -A3 'Accumulated forward statistics' "$out/daemon.log" | grep -a -o 'RX-packets: *[0-9]*\|TX-packets: *[0-9]*\|TX-dropped: *[0-9]*' | tr -s ' ' | paste -sd, -)"
+	rm -rf "/var/run/dpdk/$dpdk_prefix"
+fi
 finish
 }
