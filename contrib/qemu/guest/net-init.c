@@ -405,6 +405,8 @@ static void handle(int s, uint8_t *f, size_t len, const uint8_t *mac)
 	}
 }
 
+static void queue_stats(char *buf, size_t len);
+
 static void report(const struct counters *s, unsigned workers)
 {
 	char per[MAX_WORKERS * 21 + 32] = "";
@@ -414,9 +416,93 @@ static void report(const struct counters *s, unsigned workers)
 			o += (size_t)snprintf(per + o, sizeof(per) - o, "%s%" PRIu64, i ? "/" : "",
 					      s->worker_rx[i]);
 	}
+	char qs[2 * MAX_WORKERS * 21 + 32];
+	queue_stats(qs, sizeof(qs));
 	say("vdl-net: rx %" PRIu64 " tx %" PRIu64 " bad %" PRIu64 " gap %" PRIu64 " dup %" PRIu64
-	    " stream %" PRIu64 " other %" PRIu64 " txerr %" PRIu64 "%s",
-	    s->rx, s->tx, s->bad, s->gap, s->dup, s->stream_rx, s->other, s->txerr, per);
+	    " stream %" PRIu64 " other %" PRIu64 " txerr %" PRIu64 "%s%s",
+	    s->rx, s->tx, s->bad, s->gap, s->dup, s->stream_rx, s->other, s->txerr, per, qs);
+}
+
+/* ---- the driver's per-queue counters (ethtool -S) ---- */
+
+static int stats_fd = -1;
+static char stats_if[IFNAMSIZ];
+static unsigned nstats;
+static int rx_idx[MAX_WORKERS], tx_idx[MAX_WORKERS]; /* -1: not found */
+static unsigned nqueues;
+
+/* Finds virtio_net's "rx_queue_N_packets" / "tx_queue_N_packets" among the
+ * ETH_SS_STATS strings (virtnet_get_strings). */
+static void queue_stats_init(int fd, const char *ifname, unsigned queues)
+{
+	stats_fd = fd;
+	snprintf(stats_if, sizeof(stats_if), "%s", ifname);
+	nqueues = queues > MAX_WORKERS ? MAX_WORKERS : queues;
+	for (unsigned q = 0; q < MAX_WORKERS; q++)
+		rx_idx[q] = tx_idx[q] = -1;
+	struct {
+		struct ethtool_sset_info hdr;
+		uint32_t len;
+	} info = {.hdr = {.cmd = ETHTOOL_GSSET_INFO, .sset_mask = 1ULL << ETH_SS_STATS}};
+	struct ifreq ifr = {0};
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+	ifr.ifr_data = (void *)&info;
+	if (ioctl(fd, SIOCETHTOOL, &ifr) != 0 || !info.hdr.sset_mask || info.len == 0 ||
+	    info.len > 4096)
+		return;
+	nstats = info.len;
+	struct ethtool_gstrings *gs = calloc(1, sizeof(*gs) + (size_t)nstats * ETH_GSTRING_LEN);
+	if (!gs)
+		return;
+	gs->cmd = ETHTOOL_GSTRINGS;
+	gs->string_set = ETH_SS_STATS;
+	gs->len = nstats;
+	ifr.ifr_data = (void *)gs;
+	if (ioctl(fd, SIOCETHTOOL, &ifr) == 0) {
+		for (unsigned i = 0; i < nstats; i++) {
+			char name[ETH_GSTRING_LEN + 1];
+			memcpy(name, gs->data + (size_t)i * ETH_GSTRING_LEN, ETH_GSTRING_LEN);
+			name[ETH_GSTRING_LEN] = 0;
+			unsigned q;
+			char rest[ETH_GSTRING_LEN + 1];
+			if (sscanf(name, "rx_queue_%u_%32s", &q, rest) == 2 && q < MAX_WORKERS &&
+			    !strcmp(rest, "packets"))
+				rx_idx[q] = (int)i;
+			if (sscanf(name, "tx_queue_%u_%32s", &q, rest) == 2 && q < MAX_WORKERS &&
+			    !strcmp(rest, "packets"))
+				tx_idx[q] = (int)i;
+		}
+	}
+	free(gs);
+}
+
+/* " queue rx a/b tx c/d" (packets per queue, from the driver), or "". */
+static void queue_stats(char *buf, size_t len)
+{
+	buf[0] = 0;
+	if (stats_fd < 0 || !nstats)
+		return;
+	struct ethtool_stats *st = calloc(1, sizeof(*st) + (size_t)nstats * sizeof(uint64_t));
+	if (!st)
+		return;
+	st->cmd = ETHTOOL_GSTATS;
+	st->n_stats = nstats;
+	struct ifreq ifr = {0};
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", stats_if);
+	ifr.ifr_data = (void *)st;
+	if (ioctl(stats_fd, SIOCETHTOOL, &ifr) == 0) {
+		size_t o = 0;
+		for (int dir = 0; dir < 2; dir++) {
+			const int *idx = dir ? tx_idx : rx_idx;
+			o += (size_t)snprintf(buf + o, len - o, " queue %s ", dir ? "tx" : "rx");
+			for (unsigned q = 0; q < nqueues && o < len; q++)
+				o += (size_t)snprintf(buf + o, len - o, "%s%" PRIu64, q ? "/" : "",
+						      idx[q] >= 0 ? (uint64_t)st->data[idx[q]] : 0);
+			if (o >= len)
+				break;
+		}
+	}
+	free(st);
 }
 
 /* Worker loop: answers the frames of socket s; worker 0 also prints progress. */
@@ -504,6 +590,7 @@ int main(void)
 		fatal("control socket: %s", strerror(errno));
 	unsigned max_queues = 1;
 	unsigned queues = set_channels(ctl, ifname, want_queues, &max_queues);
+	queue_stats_init(ctl, ifname, queues);
 
 	struct ifreq ifr = {0};
 	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
