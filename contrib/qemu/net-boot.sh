@@ -45,7 +45,7 @@ socket carrying one Ethernet frame per datagram (tools/netpeer.py):
 PASS: all four, the guest never printed FATAL, QEMU (and the daemon) still run.
 
 Backends:
-  ours        vhost-dirtylog-net --socket VHOST_SOCK --socket-port PORT
+  ours        vhost-dirtylog-net --socket-path VHOST_SOCK --socket-port PORT
               --socket-peer PEER --queues N --mac MAC, and QEMU with
               -netdev vhost-user (guest RAM: memory-backend-memfd,share=on)
   qemu-dgram  no daemon: QEMU's own -netdev dgram on the same kind of unix
@@ -225,11 +225,16 @@ declare -a netdev device
 smp=1
 if [[ $backend == ours ]]; then
 	vdl_log "daemon: $daemon"
-	"$daemon" --socket "$VHOST_SOCK" --socket-port "$PORT" --socket-peer "$PEER" \
+	"$daemon" --socket-path "$VHOST_SOCK" --socket-port "$PORT" --socket-peer "$PEER" \
 		--queues "$queues" --mac "$mac" >"$out/daemon.log" 2>&1 &
 	PID[daemon]=$!
 	deadline=$((SECONDS + 15))
-	until [[ -S $VHOST_SOCK && -S $PORT ]]; do
+	ports_ready() { # PORT, PORT.1 .. PORT.(N-1): one per queue pair
+		local k
+		[[ -S $PORT ]] || return 1
+		for ((k = 1; k < queues; k++)); do [[ -S $PORT.$k ]] || return 1; done
+	}
+	until [[ -S $VHOST_SOCK ]] && ports_ready; do
 		if ! alive daemon; then
 			tail -n 20 "$out/daemon.log" >&2
 			result boot FAIL "the daemon exited before creating its sockets"
@@ -237,7 +242,7 @@ if [[ $backend == ours ]]; then
 		fi
 		if ((SECONDS >= deadline)); then
 			tail -n 20 "$out/daemon.log" >&2
-			result boot FAIL "the daemon created no $VHOST_SOCK and $PORT within 15 s"
+			result boot FAIL "the daemon created no $VHOST_SOCK and $PORT (.k) within 15 s"
 			finish
 		fi
 		sleep 0.05
@@ -358,6 +363,7 @@ NETPEER=(python3 "$VDL_QEMU_DIR/tools/netpeer.py" --guest-mac "$mac" --timeout "
 case $backend in
 qemu-tap) NETPEER+=(--iface "$TAP") ;;
 dpdk) NETPEER+=(--iface "$VETH_PEER") ;;
+ours) NETPEER+=(--port "$PORT" --bind "$PEER" --pairs "$queues") ;;
 *) NETPEER+=(--port "$PORT" --bind "$PEER") ;;
 esac
 # several guest workers (one per queue pair) may answer out of order

@@ -31,6 +31,11 @@ answers must be exactly base+1..base+K in any order, the rest of each answer is
 still compared byte for byte; a stream must arrive complete and intact, its
 order is not checked (the guest's gap/dup counters are printed only).
 
+--pairs N (vhost-dirtylog-net with --queues N): queue pair k > 0 has its own
+port PORT.k and peer socket BIND.k; requests go round-robin over the pairs
+(the answers are then unordered), and the summary shows which pair each
+answer came back on.
+
 --iface IFNAME talks through an AF_PACKET socket on a network interface (a TAP
 in a test network namespace, root needed) instead of a unix datagram port.
 
@@ -105,51 +110,70 @@ def build(dst, src, kind, seq, size, body=True):
     return f
 
 
+def pair_path(path, k):
+    """Queue pair k's socket: PATH for pair 0, PATH.k after (vhost-dirtylog-net)."""
+    return path if k == 0 else f"{path}.{k}"
+
+
 class Peer:
-    def __init__(self, port, bind, mac, guest_mac, timeout, iface=None):
+    """Our end of the packet port(s): one socket per queue pair."""
+
+    def __init__(self, port, bind, mac, guest_mac, timeout, iface=None, pairs=1):
         self.port, self.bind_path, self.mac, self.guest_mac = port, bind, mac, guest_mac
-        self.timeout = timeout
+        self.timeout, self.pairs = timeout, pairs
         self.other = 0  # frames that are not answers to us
+        self.socks = []
         if iface:
             self.bind_path = None
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
-            self.sock.bind((iface, ETHERTYPE))
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+            s.bind((iface, ETHERTYPE))
+            self.socks.append(s)
+            self.pairs = 1
         else:
-            if os.path.exists(bind):
-                os.unlink(bind)
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.sock.bind(bind)
-        self.sock.settimeout(timeout)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            for k in range(pairs):
+                path = pair_path(bind, k)
+                if os.path.exists(path):
+                    os.unlink(path)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.socks.append(s)
+                s.bind(path)
+        for s in self.socks:
+            s.settimeout(timeout)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 
     def close(self):
-        self.sock.close()
+        for s in self.socks:
+            s.close()
         if self.bind_path:
-            try:
-                os.unlink(self.bind_path)
-            except OSError:
-                pass
+            for k in range(self.pairs):
+                try:
+                    os.unlink(pair_path(self.bind_path, k))
+                except OSError:
+                    pass
 
-    def send(self, f):
+    def send(self, f, k=0):
+        """Send frame f into queue pair k (its own port and socket)."""
         if self.bind_path is None:
-            self.sock.send(bytes(f))
+            self.socks[0].send(bytes(f))
         else:
-            self.sock.sendto(bytes(f), self.port)
+            self.socks[k].sendto(bytes(f), pair_path(self.port, k))
 
     def recv(self, timeout):
-        """One frame of ours (EtherType and dst MAC), or None on timeout."""
+        """(frame, pair) of ours (EtherType and dst MAC), or (None, None) on timeout."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return None
-            r, _, _ = select.select([self.sock], [], [], left)
+                return None, None
+            r, _, _ = select.select(self.socks, [], [], left)
             if not r:
-                return None
-            f = self.sock.recv(65536)
-            if len(f) >= HDR and f[0:6] == self.mac and f[12:14] == b"\x88\xb5" and f[14:18] == MAGIC:
-                return f
-            self.other += 1
+                return None, None
+            for s in r:
+                f = s.recv(65536)
+                if (len(f) >= HDR and f[0:6] == self.mac and f[12:14] == b"\x88\xb5"
+                        and f[14:18] == MAGIC):
+                    return f, self.socks.index(s)
+                self.other += 1
 
     def stats(self, seq, tries=5):
         """Ask the guest for its counters (kind 4); None if it never answers."""
@@ -157,7 +181,7 @@ class Peer:
             self.send(build(self.guest_mac, self.mac, STATS_REQ, seq, STATS_LEN))
             deadline = time.monotonic() + self.timeout / tries
             while time.monotonic() < deadline:
-                f = self.recv(deadline - time.monotonic())
+                f, _ = self.recv(deadline - time.monotonic())
                 if f is None:
                     break
                 if f[18] == STATS_REPLY and struct.unpack_from(">I", f, 22)[0] == seq:
@@ -174,6 +198,10 @@ def run_echo(p, a, res):
     ok = wrong = unexpected = corrupted = flagged = 0
     first_wrong = None
     k = 0  # echo requests sent
+    pairs = p.pairs
+    # several queue pairs (and several guest workers) answer in any order
+    unordered = a.unordered or pairs > 1
+    sent_on, answered_on, same_pair = [0] * pairs, [0] * pairs, 0
     last_progress = time.monotonic()
     t0 = time.monotonic()
     while k < frames or outstanding:
@@ -186,9 +214,11 @@ def run_echo(p, a, res):
                 flags = 0
                 corrupted += 1
             k += 1
-            outstanding[seq] = (k, bytes(f), flags)
-            p.send(f)
-        f = p.recv(0.2)
+            pair = (k - 1) % pairs
+            outstanding[seq] = (k, bytes(f), flags, pair)
+            sent_on[pair] += 1
+            p.send(f, pair)
+        f, got_pair = p.recv(0.2)
         if f is None:
             if time.monotonic() - last_progress > a.timeout:
                 break
@@ -201,7 +231,9 @@ def run_echo(p, a, res):
             unexpected += 1
             continue
         last_progress = time.monotonic()
-        kk, req, flags = outstanding.pop(seq)
+        kk, req, flags, pair = outstanding.pop(seq)
+        answered_on[got_pair] += 1
+        same_pair += got_pair == pair
         gseq = struct.unpack_from(">I", f, 26)[0]
         if base is None:
             base = gseq - kk
@@ -209,7 +241,7 @@ def run_echo(p, a, res):
         exp[0:6], exp[6:12] = p.mac, p.guest_mac
         exp[18], exp[19] = ECHO_REPLY, flags
         want_gseq = (base + kk) & 0xFFFFFFFF
-        if a.unordered:
+        if unordered:
             want_gseq = gseq if gseq not in gseqs else None
             gseqs.add(gseq)
         struct.pack_into(">II", exp, 26, 0 if want_gseq is None else want_gseq,
@@ -227,13 +259,16 @@ def run_echo(p, a, res):
                     first_wrong = (f"seq {seq} ({len(f)} bytes): byte {off} is 0x{f[off]:02x}, "
                                    f"expected 0x{exp[off]:02x}")
     secs = time.monotonic() - t0
-    if a.unordered and ok == frames and not outstanding:
+    if unordered and ok == frames and not outstanding:
         # K distinct guest sequence numbers: they must be consecutive
         lo = min(gseqs)
         if max(gseqs) - lo != frames - 1:
             wrong += 1
             first_wrong = (f"guest sequence numbers {lo}..{max(gseqs)} are not "
                            f"{frames} consecutive numbers")
+    if pairs > 1:
+        res.update(pairs_sent="/".join(map(str, sent_on)),
+                   pairs_answered="/".join(map(str, answered_on)), same_pair=same_pair)
     res.update(sent=k, ok=ok, wrong=wrong, lost=len(outstanding), unexpected=unexpected,
                corrupted=corrupted, flagged=flagged, seconds=round(secs, 3),
                frames_per_s=round(ok / secs, 1) if secs > 0 else 0)
@@ -249,7 +284,7 @@ def run_stream(p, a, res):
     t0 = time.monotonic()
     gap = 1.0 / a.rate if a.rate else 0
     for k in range(a.frames):
-        p.send(build(p.guest_mac, p.mac, STREAM, a.seq_start + k, frame_size(k)))
+        p.send(build(p.guest_mac, p.mac, STREAM, a.seq_start + k, frame_size(k)), k % p.pairs)
         if gap:
             time.sleep(gap)
     res.update(sent=a.frames, seconds=round(time.monotonic() - t0, 3))
@@ -260,7 +295,7 @@ def run(a):
     """One run; returns (passed, result dict)."""
     res = {"mode": a.mode, "frames": a.frames, "port": a.port}
     try:
-        p = Peer(a.port, a.bind, a.mac, a.guest_mac, a.timeout, a.iface)
+        p = Peer(a.port, a.bind, a.mac, a.guest_mac, a.timeout, a.iface, a.pairs)
     except OSError as e:
         res["error"] = f"cannot bind {a.iface or a.bind}: {e}"
         return None, res
@@ -290,7 +325,7 @@ def run(a):
         else:
             good = (d["stream_rx"] == a.frames and d["bad"] == 0
                     and after["last_stream_seq"] == a.seq_start + a.frames - 1
-                    and (a.unordered or (d["gap"] == 0 and d["dup"] == 0)))
+                    and (a.unordered or p.pairs > 1 or (d["gap"] == 0 and d["dup"] == 0)))
             res["last_stream_seq"] = after["last_stream_seq"]
         res["other_frames"] = p.other
         return good, res
@@ -312,6 +347,9 @@ def summary(good, res):
              f"{res['wrong']} wrong, {res['lost']} lost, {res['unexpected']} unexpected; "
              f"corrupted {res['corrupted']} / flagged by guest {res['flagged']}; "
              f"{res['frames_per_s']} frames/s; guest: {gs}")
+        if "pairs_sent" in res:
+            s += (f"; queue pairs: sent {res['pairs_sent']}, answers on {res['pairs_answered']}, "
+                  f"{res['same_pair']} on the pair of their request")
     else:
         s = (f"netpeer: {head}: stream {res['sent']} sent in {res['seconds']} s; guest: {gs}; "
              f"last seq {res.get('last_stream_seq')}")
@@ -327,11 +365,13 @@ def summary(good, res):
 class FakeGuest(threading.Thread):
     """The guest's logic (net-init.c: handle()) in Python, with optional faults."""
 
-    def __init__(self, path, mac, fault=None):
+    def __init__(self, path, mac, fault=None, pairs=1):
         super().__init__(daemon=True)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(0.2)
+        self.socks = []
+        for k in range(pairs):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.bind(pair_path(path, k))
+            self.socks.append(s)
         self.mac, self.fault, self.stop = mac, fault, False
         self.c = dict.fromkeys(STATS_FIELDS, 0)
         self.echo = 0
@@ -339,10 +379,14 @@ class FakeGuest(threading.Thread):
     def run(self):
         c = self.c
         while not self.stop:
-            try:
-                f, addr = self.sock.recvfrom(65536)
-            except socket.timeout:
+            r, _, _ = select.select(self.socks, [], [], 0.2)
+            if not r:
                 continue
+            sock = r[0]
+            f, addr = sock.recvfrom(65536)
+            if self.fault == "cross" and len(self.socks) > 1:  # answer on the other pair
+                sock = self.socks[(self.socks.index(sock) + 1) % len(self.socks)]
+                addr = addr[:-2] if addr.endswith(".1") else addr + ".1"
             f = bytearray(f)
             c["rx"] += 1
             kind = f[18]
@@ -367,10 +411,10 @@ class FakeGuest(threading.Thread):
                     f[-1] ^= 1
                 if self.fault == "crc" and self.echo == 3:
                     f[30] ^= 0x80
-                self.sock.sendto(bytes(f), addr)
+                sock.sendto(bytes(f), addr)
                 c["tx"] += 1
                 if self.fault == "dup" and self.echo == 4:
-                    self.sock.sendto(bytes(f), addr)
+                    sock.sendto(bytes(f), addr)
             elif kind == STREAM:
                 if self.fault == "drop" and seq % 10 == 3:
                     continue
@@ -385,7 +429,7 @@ class FakeGuest(threading.Thread):
                 f[18], f[19] = STATS_REPLY, 1
                 c["tx"] += 1
                 struct.pack_into(">7Q", f, HDR, *(c[k] for k in STATS_FIELDS))
-                self.sock.sendto(bytes(f), addr)
+                sock.sendto(bytes(f), addr)
 
 
 def self_test(a):
@@ -395,16 +439,19 @@ def self_test(a):
         ("echo", "crc", 0, False), ("echo", "drop", 0, False), ("echo", "dup", 0, False),
         ("echo", "noflag", 4, False), ("stream", None, 0, True), ("stream", "drop", 0, False),
         ("echo", "unordered", 0, True), ("echo", "unordered-dup", 0, False),
+        ("echo", "pairs", 0, True), ("echo", "cross", 0, True), ("stream", "pairs", 0, True),
     ]
     failures = 0
     with tempfile.TemporaryDirectory(prefix="vdl-netpeer-") as d:
         for i, (mode, fault, corrupt, want) in enumerate(cases):
             port, bind = os.path.join(d, f"g{i}.sock"), os.path.join(d, f"p{i}.sock")
-            g = FakeGuest(port, a.guest_mac, fault)
+            pairs = 2 if fault in ("pairs", "cross") else 1
+            g = FakeGuest(port, a.guest_mac, fault, pairs)
             g.start()
             ca = argparse.Namespace(**vars(a))
             ca.port, ca.bind, ca.mode, ca.corrupt_every = port, bind, mode, corrupt
             ca.unordered = fault is not None and fault.startswith("unordered")
+            ca.pairs = pairs
             ca.frames, ca.timeout = 60, 1.0
             good, res = run(ca)
             g.stop = True
@@ -443,6 +490,9 @@ def main():
     ap.add_argument("--unordered", action="store_true",
                     help="answers may come in any order (a guest with several workers)")
     ap.add_argument("--iface", help="use an AF_PACKET socket on this interface instead of --port/--bind")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="queue pairs of a vhost-dirtylog-net socket port: pair k > 0 is PORT.k "
+                         "and BIND.k; frames go round-robin over the pairs (default 1)")
     ap.add_argument("--json", help="write the result as JSON here")
     ap.add_argument("--self-test", action="store_true",
                     help="run the checker against an in-process fake guest, correct and broken")
@@ -451,7 +501,7 @@ def main():
         return self_test(a)
     if not a.iface and (not a.port or not a.bind):
         ap.error("--port and --bind (or --iface) are required")
-    if a.frames < 1 or a.window < 1 or a.corrupt_every < 0 or a.rate < 0:
+    if a.frames < 1 or a.window < 1 or a.corrupt_every < 0 or a.rate < 0 or a.pairs < 1:
         ap.error("--frames and --window must be >= 1, --corrupt-every and --rate >= 0")
     if a.mode == "stream" and a.corrupt_every:
         ap.error("--corrupt-every is for --mode echo")
