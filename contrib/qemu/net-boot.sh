@@ -16,6 +16,7 @@ backend=ours
 daemon="$VDL_REPO_DIR/target/release/vhost-dirtylog-net"
 queues=1
 frames=500
+window=16
 stream_frames=2000
 control_frames=100
 accel=auto
@@ -71,6 +72,11 @@ Options:
                         worker per queue pair; qemu-tap, dpdk likewise) (default
                         $queues; qemu-dgram: 1 only)
   --frames K            echo requests (default $frames)
+  --window W            echo requests in flight (default $window; a unix
+                        datagram socket queues at most net.unix.max_dgram_qlen
+                        datagrams, 10 by default, before its sender gets EAGAIN:
+                        QEMU's dgram netdev then waits, a backend that drops
+                        loses answers here)
   --control-frames K    echo requests of the guest check control (default
                         $control_frames; 0 skips it)
   --stream-frames K     stream frames (default $stream_frames; 0 skips the stream)
@@ -97,6 +103,7 @@ while [[ $# -gt 0 ]]; do
 	--daemon) need "$@"; daemon="$2"; shift 2 ;;
 	--queues) need "$@"; queues="$2"; shift 2 ;;
 	--frames) need "$@"; frames="$2"; shift 2 ;;
+	--window) need "$@"; window="$2"; shift 2 ;;
 	--control-frames) need "$@"; control_frames="$2"; shift 2 ;;
 	--stream-frames) need "$@"; stream_frames="$2"; shift 2 ;;
 	--mac) need "$@"; mac="$2"; shift 2 ;;
@@ -109,12 +116,12 @@ while [[ $# -gt 0 ]]; do
 	*) echo "net-boot.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
 	esac
 done
-for v in queues frames control_frames stream_frames mem_mib boot_timeout timeout; do
+for v in queues frames window control_frames stream_frames mem_mib boot_timeout timeout; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "net-boot.sh: --${v//_/-} must be a number" >&2; exit 2; }
 done
 case "$backend" in ours | qemu-dgram | qemu-tap | dpdk) ;; *) echo "net-boot.sh: --backend must be ours, qemu-dgram, qemu-tap or dpdk" >&2; exit 2 ;; esac
 case "$accel" in auto | kvm | tcg) ;; *) echo "net-boot.sh: --accel must be auto, kvm or tcg" >&2; exit 2 ;; esac
-[[ $frames -ge 1 ]] || { echo "net-boot.sh: --frames must be >= 1" >&2; exit 2; }
+[[ $frames -ge 1 && $window -ge 1 ]] || { echo "net-boot.sh: --frames and --window must be >= 1" >&2; exit 2; }
 [[ $queues -ge 1 && $queues -le 16 ]] || { echo "net-boot.sh: --queues must be 1..16" >&2; exit 2; }
 [[ $backend != qemu-dgram || $queues -eq 1 ]] || { echo "net-boot.sh: -netdev dgram has one queue pair: --queues 1 with --backend qemu-dgram" >&2; exit 2; }
 [[ $mac =~ ^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$ ]] || { echo "net-boot.sh: --mac must look like 52:54:00:12:34:56" >&2; exit 2; }
@@ -359,7 +366,7 @@ result boot ok "$((SECONDS - t0)) s: ${ready#vdl-net: }"
 rc=0
 python3 "$VDL_QEMU_DIR/tools/netpeer.py" --self-test >"$out/checker.log" 2>&1 || rc=$?
 if [[ $rc -eq 0 ]]; then result checker ok "$(tail -n 1 "$out/checker.log")"; else result checker FAIL "$(tail -n 1 "$out/checker.log")"; cat "$out/checker.log" >&2; fi
-NETPEER=(python3 "$VDL_QEMU_DIR/tools/netpeer.py" --guest-mac "$mac" --timeout "$timeout")
+NETPEER=(python3 "$VDL_QEMU_DIR/tools/netpeer.py" --guest-mac "$mac" --timeout "$timeout" --window "$window")
 case $backend in
 qemu-tap) NETPEER+=(--iface "$TAP") ;;
 dpdk) NETPEER+=(--iface "$VETH_PEER") ;;
