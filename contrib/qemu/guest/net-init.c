@@ -35,9 +35,12 @@
  *   1 echo request -> answered with kind 2: the request with the MACs
  *     swapped, flags bit 0 set if the guest found the body intact, guest_seq
  *     and crc filled in; same length;
- *   3 stream frame -> checked and counted, never answered; the guest tracks
- *     the sequence numbers (next expected = last + 1): a jump forward counts
- *     the missing frames as "gap", a number not above the last as "dup";
+ *   3 stream frame -> checked and counted, never answered. The flags byte
+ *     names one of 16 streams (a host sending over several queue pairs uses
+ *     one stream per pair, whose order the device keeps), guest_seq holds the
+ *     stream's stride (0 = 1); per stream the guest expects seq = last +
+ *     stride: a jump forward counts the missing frames as "gap", a number not
+ *     above the last as "dup";
  *   4 stats query -> answered with kind 5 (MACs swapped, same length, at
  *     least 90 bytes) whose body holds seven u64 counters: rx, tx, bad, gap,
  *     dup, stream_rx, last stream seq (so a host can read the verdict of a
@@ -285,7 +288,8 @@ static unsigned set_channels(int fd, const char *ifname, unsigned want, unsigned
 /* Shared by all workers (MAP_SHARED), updated with atomic adds. */
 struct counters {
 	uint64_t rx, tx, bad, gap, dup, stream_rx, other, txerr, echo;
-	uint64_t last_stream_seq; /* valid once stream_rx > 0 */
+	uint64_t last_stream_seq; /* the highest of all streams */
+	uint64_t stream_last[16], stream_n[16]; /* per stream (flags byte) */
 	uint64_t worker_rx[MAX_WORKERS];
 	uint32_t bad_printed, stream_lock, joined;
 };
@@ -368,15 +372,23 @@ static void handle(int s, uint8_t *f, size_t len, const uint8_t *mac)
 			break;
 		while (__atomic_exchange_n(&c->stream_lock, 1, __ATOMIC_ACQUIRE))
 			;
-		if (c->stream_rx > 0) {
-			if (seq > c->last_stream_seq + 1)
-				c->gap += seq - c->last_stream_seq - 1;
-			else if (seq <= c->last_stream_seq)
-				c->dup++;
+		{
+			unsigned id = f[19] & 15;
+			uint64_t stride = vdl_get_be32(f + 26) ? vdl_get_be32(f + 26) : 1;
+			if (c->stream_n[id] > 0) {
+				uint64_t next = c->stream_last[id] + stride;
+				if (seq > next)
+					c->gap += (seq - next + stride - 1) / stride;
+				else if (seq < next)
+					c->dup++;
+			}
+			if (c->stream_n[id] == 0 || seq > c->stream_last[id])
+				c->stream_last[id] = seq;
+			c->stream_n[id]++;
+			if (c->stream_rx == 0 || seq > c->last_stream_seq)
+				c->last_stream_seq = seq;
+			c->stream_rx++;
 		}
-		if (c->stream_rx == 0 || seq > c->last_stream_seq)
-			c->last_stream_seq = seq;
-		c->stream_rx++;
 		__atomic_store_n(&c->stream_lock, 0, __ATOMIC_RELEASE);
 		break;
 	case VDL_NET_STATS_REQ:

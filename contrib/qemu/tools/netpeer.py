@@ -29,7 +29,10 @@ print the differences.
 answers may leave in any order): the guest's sequence numbers of the echo
 answers must be exactly base+1..base+K in any order, the rest of each answer is
 still compared byte for byte; a stream must arrive complete and intact, its
-order is not checked (the guest's gap/dup counters are printed only).
+order is not checked (the guest's gap/dup counters are printed only). Without
+it, a stream over several pairs is checked per pair (stream id = pair in the
+flags byte, stride = pairs in the guest_seq field): each pair must deliver its
+frames in order.
 
 --pairs N (vhost-dirtylog-net with --queues N): queue pair k > 0 has its own
 port PORT.k and peer socket BIND.k; requests go round-robin over the pairs
@@ -284,7 +287,13 @@ def run_stream(p, a, res):
     t0 = time.monotonic()
     gap = 1.0 / a.rate if a.rate else 0
     for k in range(a.frames):
-        p.send(build(p.guest_mac, p.mac, STREAM, a.seq_start + k, frame_size(k)), k % p.pairs)
+        # frame k goes to pair k % pairs as part of stream (pair), stride pairs:
+        # each pair's frames stay in order through the device, so the guest's
+        # gap/dup counters must stay 0 with several pairs too
+        f = build(p.guest_mac, p.mac, STREAM, a.seq_start + k, frame_size(k))
+        f[19] = k % p.pairs
+        struct.pack_into(">I", f, 26, p.pairs)
+        p.send(f, k % p.pairs)
         if gap:
             time.sleep(gap)
     res.update(sent=a.frames, seconds=round(time.monotonic() - t0, 3))
@@ -325,7 +334,7 @@ def run(a):
         else:
             good = (d["stream_rx"] == a.frames and d["bad"] == 0
                     and after["last_stream_seq"] == a.seq_start + a.frames - 1
-                    and (a.unordered or p.pairs > 1 or (d["gap"] == 0 and d["dup"] == 0)))
+                    and (a.unordered or (d["gap"] == 0 and d["dup"] == 0)))
             res["last_stream_seq"] = after["last_stream_seq"]
         res["other_frames"] = p.other
         return good, res
@@ -375,6 +384,7 @@ class FakeGuest(threading.Thread):
         self.mac, self.fault, self.stop = mac, fault, False
         self.c = dict.fromkeys(STATS_FIELDS, 0)
         self.echo = 0
+        self.streams = {}  # stream id -> last seq
 
     def run(self):
         c = self.c
@@ -416,13 +426,17 @@ class FakeGuest(threading.Thread):
                 if self.fault == "dup" and self.echo == 4:
                     sock.sendto(bytes(f), addr)
             elif kind == STREAM:
-                if self.fault == "drop" and seq % 10 == 3:
+                if self.fault in ("drop", "pairs-drop") and seq % 10 == 3:
                     continue
                 if ok:
-                    if c["stream_rx"] and seq > c["last_stream_seq"] + 1:
-                        c["gap"] += seq - c["last_stream_seq"] - 1
-                    elif c["stream_rx"] and seq <= c["last_stream_seq"]:
-                        c["dup"] += 1
+                    sid, stride = f[19] & 15, struct.unpack_from(">I", f, 26)[0] or 1
+                    if sid in self.streams:
+                        nxt = self.streams[sid] + stride
+                        if seq > nxt:
+                            c["gap"] += (seq - nxt + stride - 1) // stride
+                        elif seq < nxt:
+                            c["dup"] += 1
+                    self.streams[sid] = max(seq, self.streams.get(sid, seq))
                     c["last_stream_seq"] = max(seq, c["last_stream_seq"])
                     c["stream_rx"] += 1
             elif kind == STATS_REQ:
@@ -440,12 +454,13 @@ def self_test(a):
         ("echo", "noflag", 4, False), ("stream", None, 0, True), ("stream", "drop", 0, False),
         ("echo", "unordered", 0, True), ("echo", "unordered-dup", 0, False),
         ("echo", "pairs", 0, True), ("echo", "cross", 0, True), ("stream", "pairs", 0, True),
+        ("stream", "pairs-drop", 0, False),
     ]
     failures = 0
     with tempfile.TemporaryDirectory(prefix="vdl-netpeer-") as d:
         for i, (mode, fault, corrupt, want) in enumerate(cases):
             port, bind = os.path.join(d, f"g{i}.sock"), os.path.join(d, f"p{i}.sock")
-            pairs = 2 if fault in ("pairs", "cross") else 1
+            pairs = 2 if fault in ("pairs", "cross", "pairs-drop") else 1
             g = FakeGuest(port, a.guest_mac, fault, pairs)
             g.start()
             ca = argparse.Namespace(**vars(a))
