@@ -30,7 +30,7 @@
  *       echo requests received so far, this one included
  *   30  crc (u32): 0 in a request; in a reply, the CRC-32 (IEEE 802.3, as
  *       zlib.crc32) of the body as the guest received it
- *   34  body: byte i is vdl_net_pattern(seq, i), up to frame_len
+ *   34  body: seq's window of the pattern table (net-pattern.h), up to frame_len
  * Kinds:
  *   1 echo request -> answered with kind 2: the request with the MACs
  *     swapped, flags bit 0 set if the guest found the body intact, guest_seq
@@ -582,6 +582,7 @@ int main(void)
 	uint64_t report_ms = param_u64("vdl.report_ms", 1000);
 
 	/* Before the interface exists, so it never starts IPv6 (no RS/DAD/MLD frames). */
+	vdl_net_table_init();
 	write_file("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
 	write_file("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
 	load_modules();

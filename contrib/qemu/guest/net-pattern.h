@@ -42,22 +42,41 @@ static inline void vdl_put_be32(uint8_t *p, uint32_t v)
 	p[3] = (uint8_t)v;
 }
 
-/* Body byte i of the frame with sequence number seq: a 32-bit mix of both,
- * so a body left over from another frame (a stale buffer) or shifted by a
- * byte does not match. netpeer.py: pattern(). */
-static inline uint8_t vdl_net_pattern(uint32_t seq, uint32_t i)
+/* The body of frame seq is a window of a fixed pseudo-random table, at an
+ * offset taken from seq, XORed with seq's low byte: a body left over from
+ * another frame (a stale buffer) or shifted by a byte does not match, and
+ * netpeer.py builds a body with one slice and one bytes.translate().
+ *   table[j] = low byte of mix32(j), j < VDL_NET_TABLE_LEN
+ *   offset(seq) = (seq * 0x9e3779b1 mod 2^32) >> 16           (0..65535)
+ *   body[i] = table[offset(seq) + i] ^ (seq & 0xff)        (i < 2048)
+ * netpeer.py: TABLE, pattern(). */
+#define VDL_NET_TABLE_LEN (65536 + 2048)
+
+static inline uint32_t vdl_net_mix32(uint32_t x)
 {
-	uint32_t x = seq * 0x9e3779b1u + i * 0x7feb352du;
+	x *= 0x7feb352du;
 	x ^= x >> 15;
 	x *= 0x2c1b3c6du;
 	x ^= x >> 12;
-	return (uint8_t)x;
+	return x;
+}
+
+static uint8_t vdl_net_table[VDL_NET_TABLE_LEN];
+
+static inline void vdl_net_table_init(void)
+{
+	for (uint32_t j = 0; j < VDL_NET_TABLE_LEN; j++)
+		vdl_net_table[j] = (uint8_t)vdl_net_mix32(j);
 }
 
 static inline int vdl_net_body_ok(const uint8_t *b, size_t len, uint32_t seq)
 {
+	if (len > 2048)
+		return 0;
+	const uint8_t *t = vdl_net_table + ((seq * 0x9e3779b1u) >> 16);
+	uint8_t k = (uint8_t)seq;
 	for (size_t i = 0; i < len; i++)
-		if (b[i] != vdl_net_pattern(seq, (uint32_t)i))
+		if (b[i] != (uint8_t)(t[i] ^ k))
 			return 0;
 	return 1;
 }

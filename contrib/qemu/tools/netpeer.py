@@ -69,17 +69,23 @@ STATS_LEN = 128  # >= HDR + 7 * 8
 MIN_FRAME, MAX_FRAME = 60, 1514
 
 
+def _mix32(x):
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    x ^= x >> 12
+    return x
+
+
+# net-pattern.h: vdl_net_table, vdl_net_body_ok
+TABLE = bytes(_mix32(j) & 0xFF for j in range(65536 + 2048))
+XOR = [bytes(b ^ k for b in range(256)) for k in range(256)]
+
+
 def pattern(seq, n):
-    """Body bytes 0..n-1 of frame seq (net-pattern.h: vdl_net_pattern)."""
-    out = bytearray(n)
-    x0 = (seq * 0x9E3779B1) & 0xFFFFFFFF
-    for i in range(n):
-        x = (x0 + i * 0x7FEB352D) & 0xFFFFFFFF
-        x ^= x >> 15
-        x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
-        x ^= x >> 12
-        out[i] = x & 0xFF
-    return out
+    """Body bytes 0..n-1 (n <= 2048) of frame seq."""
+    off = ((seq * 0x9E3779B1) & 0xFFFFFFFF) >> 16
+    return TABLE[off:off + n].translate(XOR[seq & 0xFF])
 
 
 def frame_size(i):
