@@ -39,16 +39,17 @@
  *     names one of 16 streams (a host sending over several queue pairs uses
  *     one stream per pair, whose order the device keeps), guest_seq holds the
  *     stream's stride (0 = 1); per stream the guest expects seq = last +
- *     stride: a jump forward counts the missing frames as "gap", a number not
- *     above the last as "dup";
+ *     stride: a jump forward counts the missing frames as "gap", a number
+ *     below that as "dup" (also what a stale RX buffer, still holding an
+ *     older intact frame, looks like);
  *   4 stats query -> answered with kind 5 (MACs swapped, same length, at
  *     least 90 bytes) whose body holds seven u64 counters: rx, tx, bad, gap,
  *     dup, stream_rx, last stream seq (so a host can read the verdict of a
  *     stream without parsing the console).
- * A frame that is too short, has another magic, a frame_len different from
- * its length, or a body that does not match the pattern counts as "bad" (and
- * is still answered if it is an echo request, with flags bit 0 clear, so the
- * host sees the guest's verdict).
+ * A frame shorter than the header or without the magic counts as "other". A
+ * frame whose frame_len is not its length or whose body does not match the
+ * pattern counts as "bad" (and is still answered if it is an echo request,
+ * with flags bit 0 clear, so the host sees the guest's verdict).
  *
  * Kernel command line parameters (all optional):
  *   vdl.if=NAME       interface (default: the first one that is not "lo")
@@ -61,6 +62,8 @@
  * Console lines (all start with "vdl-net: "):
  *   vdl-net: ready if=eth0 ifindex=2 mac=52:54:00:12:34:56 queues=1/1 mtu=1500 workers=1
  *   vdl-net: rx N tx N bad B gap G dup D stream N other O txerr E [per-worker rx a/b/..]
+ *            [queue rx a/b/.. queue tx c/d/..]   (the driver's own per-queue packet
+ *            counts, ethtool -S rx_queue_N_packets / tx_queue_N_packets)
  *   vdl-net: BAD what=... seq=... len=... (the first 16 bad frames)
  *   vdl-net: FATAL message      (the guest then powers off)
  */
