@@ -21,7 +21,11 @@ Modes:
           those (flags 0) and count them as bad (a check that the guest's own
           verification works).
   stream  K stream frames (no answers), then a stats query: the guest must
-          have received all K in order (no gap, no dup, no bad frame).
+          have received all K in order (no gap, no dup, no bad frame). Every
+          --sync-every frames (64) it waits, asking the guest's counters,
+          until the guest has them all: flow control for ports that drop
+          frames the guest has no room for (a TAP, DPDK's AF_PACKET port);
+          a unix datagram port blocks the sender instead.
 Both modes ask the guest for its counters before and after (kind 4 / 5) and
 print the differences.
 
@@ -289,10 +293,33 @@ def run_echo(p, a, res):
     return good
 
 
-def run_stream(p, a, res):
+def wait_stream(p, base, want, query_seq):
+    """Ask the guest's counters until it has received `want` stream frames
+    since `base`, or its count stops moving for a second; returns the count."""
+    got, last_move, last = 0, time.monotonic(), -1
+    while time.monotonic() - last_move < 1.0:
+        st = p.stats(query_seq)
+        if st is None:
+            return got
+        got = st["stream_rx"] - base["stream_rx"]
+        if got >= want:
+            return got
+        if got != last:
+            last, last_move = got, time.monotonic()
+        time.sleep(0.01)
+    return got
+
+
+def run_stream(p, a, res, before):
     t0 = time.monotonic()
     gap = 1.0 / a.rate if a.rate else 0
+    syncs = 0
     for k in range(a.frames):
+        if a.sync_every and k and k % a.sync_every == 0:
+            # flow control: a port that drops when the guest's ring is full
+            # (a TAP, DPDK's AF_PACKET port) would otherwise lose frames
+            wait_stream(p, before, k, 0xFFFE0000 + syncs % 0xFFFF)
+            syncs += 1
         # frame k goes to pair k % pairs as part of stream (pair), stride pairs:
         # each pair's frames stay in order through the device, so the guest's
         # gap/dup counters must stay 0 with several pairs too
@@ -302,7 +329,7 @@ def run_stream(p, a, res):
         p.send(f, k % p.pairs)
         if gap:
             time.sleep(gap)
-    res.update(sent=a.frames, seconds=round(time.monotonic() - t0, 3))
+    res.update(sent=a.frames, seconds=round(time.monotonic() - t0, 3), syncs=syncs)
     return True
 
 
@@ -319,7 +346,10 @@ def run(a):
         if before is None:
             res["error"] = "the guest does not answer stats queries"
             return False, res
-        good = (run_echo if a.mode == "echo" else run_stream)(p, a, res)
+        if a.mode == "echo":
+            good = run_echo(p, a, res)
+        else:
+            good = run_stream(p, a, res, before)
         # Stream frames may still be in flight to the guest; ask until the
         # count is complete or stops moving.
         after, t_end = None, time.monotonic() + a.timeout
@@ -366,7 +396,8 @@ def summary(good, res):
             s += (f"; queue pairs: sent {res['pairs_sent']}, answers on {res['pairs_answered']}, "
                   f"{res['same_pair']} on the pair of their request")
     else:
-        s = (f"netpeer: {head}: stream {res['sent']} sent in {res['seconds']} s; guest: {gs}; "
+        s = (f"netpeer: {head}: stream {res['sent']} sent in {res['seconds']} s "
+             f"({res.get('syncs', 0)} syncs); guest: {gs}; "
              f"last seq {res.get('last_stream_seq')}")
     if res.get("first_wrong"):
         s += f"\nnetpeer: first wrong answer: {res['first_wrong']}"
@@ -499,6 +530,10 @@ def main():
     ap.add_argument("--window", type=int, default=16, help="echo requests in flight (default 16)")
     ap.add_argument("--rate", type=float, default=0,
                     help="stream: frames per second (default 0: as fast as the port takes them)")
+    ap.add_argument("--sync-every", type=int, default=64, metavar="N",
+                    help="stream: after every N frames, wait (stats queries) until the guest "
+                         "has them all, so a port that drops on overrun loses none "
+                         "(default 64; 0: never)")
     ap.add_argument("--corrupt-every", type=int, default=0, metavar="M",
                     help="echo: corrupt the body of every M-th request (default 0: none)")
     ap.add_argument("--seq-start", type=int, default=1, help="first sequence number (default 1)")
@@ -522,7 +557,8 @@ def main():
         return self_test(a)
     if not a.iface and (not a.port or not a.bind):
         ap.error("--port and --bind (or --iface) are required")
-    if a.frames < 1 or a.window < 1 or a.corrupt_every < 0 or a.rate < 0 or a.pairs < 1:
+    if (a.frames < 1 or a.window < 1 or a.corrupt_every < 0 or a.rate < 0 or a.pairs < 1
+            or a.sync_every < 0):
         ap.error("--frames and --window must be >= 1, --corrupt-every and --rate >= 0")
     if a.mode == "stream" and a.corrupt_every:
         ap.error("--corrupt-every is for --mode echo")
