@@ -8,26 +8,44 @@
 #   libvdl-dropmarks.so  LD_PRELOAD shim for the negative control with qsd
 #   disk.img         raw image with the known pattern (guest/mkdisk.c), only
 #                    rebuilt if missing or of another size/seed
-# Usage: build-guest.sh [--disk-mib N] [--seed HEX]
+#   vdl-net-init     static PID 1 of the network guest (guest/net-init.c)
+#   initramfs-net.cpio  vdl-net-init + virtio_pci, virtio_net and their deps
+# Usage: build-guest.sh [--disk-mib N] [--seed HEX] [--net-only]
+#   --net-only: only vmlinuz, vdl-net-init and initramfs-net.cpio (net-boot.sh)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 disk_mib=256
 seed=56444c2d51454d55
+net_only=0
 while [[ $# -gt 0 ]]; do
 	case "$1" in
 	--disk-mib) disk_mib="$2"; shift 2 ;;
 	--seed) seed="$2"; shift 2 ;;
+	--net-only) net_only=1; shift ;;
 	*) vdl_die "build-guest.sh: unknown argument $1" ;;
 	esac
 done
 
-vdl_check_deps >/dev/null 2>&1 || { vdl_check_deps; exit 3; }
+deps=blk
+[[ $net_only -eq 1 ]] && deps=net
+vdl_check_deps "$deps" >/dev/null 2>&1 || { vdl_check_deps "$deps"; exit 3; }
 vdl_find_kernel
 mkdir -p "$VDL_BUILD_DIR"
 cd "$VDL_BUILD_DIR"
 
 CFLAGS=(-O2 -Wall -Wextra -Werror -std=gnu11)
+# the network guest (net-boot.sh)
+gcc "${CFLAGS[@]}" -static -o vdl-net-init.tmp "$VDL_QEMU_DIR/guest/net-init.c"
+mv vdl-net-init.tmp vdl-net-init
+netmods="$(python3 "$VDL_QEMU_DIR/tools/mkinitramfs.py" --init vdl-net-init \
+	${VDL_MODDIR:+--moddir "$VDL_MODDIR"} --out initramfs-net.cpio virtio_pci virtio_net)"
+cp -f "$VDL_KERNEL" vmlinuz
+if [[ $net_only -eq 1 ]]; then
+	vdl_log "net guest: kernel $(basename "$VDL_KERNEL"), initramfs-net $(du -k initramfs-net.cpio | cut -f1) KiB ($netmods)"
+	exit 0
+fi
+
 gcc "${CFLAGS[@]}" -static -o vdl-init.tmp "$VDL_QEMU_DIR/guest/init.c"
 mv vdl-init.tmp vdl-init
 gcc "${CFLAGS[@]}" -o mkdisk.tmp "$VDL_QEMU_DIR/guest/mkdisk.c"

@@ -17,6 +17,9 @@
 #    for a kernel nobody boots on the host. Its vmlinuz boots under KVM or TCG;
 #    virtio, virtio_ring, virtio_pci(_modern_dev/_legacy_dev) and virtio_blk
 #    are modules of the same package that mkinitramfs.py puts in the initramfs.
+#  - With --dpdk (only then): dpdk-testpmd (Debian package dpdk-dev) and its
+#    vhost-user and AF_PACKET PMDs, the reference vhost-user-net backend of
+#    net-boot.sh --backend dpdk (about 100 MiB of libraries).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -26,6 +29,13 @@ if [[ $(id -u) -ne 0 ]]; then
 	fi
 	vdl_die "install-deps.sh must run as root"
 fi
+with_dpdk=0
+for arg in "$@"; do
+	case "$arg" in
+	--dpdk) with_dpdk=1 ;;
+	*) vdl_die "install-deps.sh: unknown argument $arg (only --dpdk)" ;;
+	esac
+done
 export DEBIAN_FRONTEND=noninteractive
 APT_Q=(-q -y -o Dpkg::Use-Pty=0 -o APT::Install-Recommends=false)
 
@@ -92,6 +102,15 @@ if ! vdl_find_kernel; then
 	dpkg-deb -x "$tmp"/"$img"_*.deb "$VDL_QEMU_CACHE/kernel.new"
 	rm -rf "$VDL_QEMU_CACHE/kernel"
 	mv "$VDL_QEMU_CACHE/kernel.new" "$VDL_QEMU_CACHE/kernel"
+fi
+
+if [[ $with_dpdk -eq 1 ]] && ! command -v dpdk-testpmd >/dev/null 2>&1; then
+	apt_update
+	# the PMD packages carry the DPDK ABI in their names (librte-net-vhost23 on bookworm)
+	pmds="$(apt-cache pkgnames librte-net-vhost | sort -V | tail -n 1) $(apt-cache pkgnames librte-net-af-packet | sort -V | tail -n 1)"
+	vdl_log "apt-get install dpdk-dev $pmds (dpdk-testpmd)"
+	# shellcheck disable=SC2086  # two package names
+	quiet apt-get install "${APT_Q[@]}" dpdk-dev $pmds
 fi
 
 vdl_check_deps >/dev/null || { vdl_check_deps; exit 1; }

@@ -60,14 +60,18 @@ vdl_find_kernel() {
 	return 1
 }
 
-# vdl_check_deps: prints every missing piece with the Debian package
-# that provides it; returns 1 if anything is missing.
+# vdl_check_deps [blk|net]: prints every missing piece with the Debian package
+# that provides it; returns 1 if anything is missing. blk (the default): what
+# run-e2e.sh needs; net: what net-boot.sh needs (no qemu-storage-daemon, but
+# virtio-net-pci and the dgram and vhost-user netdevs).
 vdl_check_deps() {
+	local what="${1:-blk}"
 	local missing=0
 	local -a pkgs=()
+	local -a tools=(qemu-system-x86_64:qemu-system-x86 gcc:gcc python3:python3 timeout:coreutils)
+	[[ $what == blk ]] && tools+=(qemu-storage-daemon:qemu-utils)
 	local t
-	for t in qemu-system-x86_64:qemu-system-x86 qemu-storage-daemon:qemu-utils \
-		gcc:gcc python3:python3 timeout:coreutils; do
+	for t in "${tools[@]}"; do
 		if ! command -v "${t%%:*}" >/dev/null 2>&1; then
 			echo "missing: ${t%%:*} (Debian package ${t#*:})" >&2
 			pkgs+=("${t#*:}")
@@ -80,10 +84,23 @@ vdl_check_deps() {
 		pkgs+=(libc6-dev)
 		missing=1
 	fi
-	if command -v qemu-system-x86_64 >/dev/null 2>&1 &&
+	if [[ $what == blk ]] && command -v qemu-system-x86_64 >/dev/null 2>&1 &&
 		! qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vhost-user-blk-pci"'; then
 		echo "missing: vhost-user-blk-pci in $(command -v qemu-system-x86_64)" >&2
 		missing=1
+	fi
+	if [[ $what == net ]] && command -v qemu-system-x86_64 >/dev/null 2>&1; then
+		if ! qemu-system-x86_64 -device help 2>/dev/null | grep -q '"virtio-net-pci"'; then
+			echo "missing: virtio-net-pci in $(command -v qemu-system-x86_64)" >&2
+			missing=1
+		fi
+		local nd
+		for nd in dgram vhost-user; do
+			if ! qemu-system-x86_64 -netdev help 2>/dev/null | grep -qx "$nd"; then
+				echo "missing: -netdev $nd in $(command -v qemu-system-x86_64) (dgram needs QEMU >= 7.2)" >&2
+				missing=1
+			fi
+		done
 	fi
 	if ! vdl_find_kernel; then
 		echo "missing: a guest kernel (no \$KERNEL, nothing in $VDL_QEMU_CACHE/kernel/boot, no /boot/vmlinuz-*)" >&2
