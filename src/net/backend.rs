@@ -79,9 +79,7 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn acked_features(&self, features: u64) {
-        self.inner
-            .acked_features
-            .store(features, Ordering::Relaxed);
+        self.inner.acked_features.store(features, Ordering::Relaxed);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

@@ -76,7 +76,8 @@ impl NetServer {
     pub fn serve_one(&self, listener: &mut Listener) -> Result<(), ServeError> {
         wait_readable(listener)?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = NetDevice::into_backend(self.config.clone(), self.ports.clone(), mem.clone())?;
+        let backend =
+            NetDevice::into_backend(self.config.clone(), self.ports.clone(), mem.clone())?;
         let device = backend.inner().clone();
         #[cfg(feature = "test-drop-marks")]
         if self.drop_marks {

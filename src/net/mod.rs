@@ -355,8 +355,7 @@ impl NetDevice {
     /// Receives: moves frames from the pair's port into the RX queue until the port is empty
     /// or the guest has no more buffers (then asks to be kicked).
     fn rx_process(&self, pair: usize, vring: &VringRwLock<DirtyGuestMemory>) {
-        let (Some(p), Some(port)) = (self.inner.pairs.get(pair), self.inner.ports.get(pair))
-        else {
+        let (Some(p), Some(port)) = (self.inner.pairs.get(pair), self.inner.ports.get(pair)) else {
             return;
         };
         let mut p = lock(p);
@@ -602,8 +601,7 @@ impl NetDevice {
     /// Transmits: every chain of the TX queue to the port, then one interrupt if needed
     /// (the standard EVENT_IDX loop, so no kick is lost).
     fn tx_process(&self, pair: usize, vring: &VringRwLock<DirtyGuestMemory>) {
-        let (Some(p), Some(port)) = (self.inner.pairs.get(pair), self.inner.ports.get(pair))
-        else {
+        let (Some(p), Some(port)) = (self.inner.pairs.get(pair), self.inner.ports.get(pair)) else {
             return;
         };
         let mut p = lock(p);

@@ -119,21 +119,28 @@ impl Port for SocketPort {
     fn recv(&self, buf: &mut [u8]) -> IoResult<Option<usize>> {
         // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
         let mut from: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut from_len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
         loop {
-            // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes; `from` and
-            // `from_len` are live locals of the sizes the kernel is told. MSG_TRUNC makes the
-            // return value the datagram's real length, so oversized frames are detected.
+            // SAFETY: msghdr is plain data; all zeroes is a valid value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&mut from as *mut libc::sockaddr_un).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            // SAFETY: `iov` points at the live, writable `buf`; `msg` at the live `from` of the
+            // size given. MSG_TRUNC makes the return value the datagram's real length, so
+            // oversized frames are detected. (recvmsg, not recvfrom: the sandbox's allow-list.)
             let n = unsafe {
-                libc::recvfrom(
+                libc::recvmsg(
                     self.sock.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
+                    &mut msg,
                     libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-                    (&mut from as *mut libc::sockaddr_un).cast(),
-                    &mut from_len,
                 )
             };
+            let from_len = msg.msg_namelen;
             if n >= 0 {
                 if !self.fixed_peer && from_len as usize > std::mem::size_of::<libc::sa_family_t>()
                 {
