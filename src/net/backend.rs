@@ -166,12 +166,18 @@ impl VhostUserBackend for NetDevice {
             // (ERR/HUP) is seen by the next read, counted and logged there.
             log::debug!("pair {thread_id}: event {device_event} with {evset:?}");
         }
+        // Each worker sees only its own pair's rings: `vrings[0]` is the RX queue (event 0),
+        // `vrings[1]` the TX queue (event 1); vhost-user-backend numbers a thread's vring
+        // events by their position in its queue mask.
         let pair = thread_id;
-        let (rx, tx) = (2 * pair, 2 * pair + 1);
+        let (rx, tx) = (0usize, 1usize);
         let (Some(rx_ring), Some(tx_ring)) = (vrings.get(rx), vrings.get(tx)) else {
             return Err(IoError::new(
                 ErrorKind::InvalidInput,
-                format!("thread {thread_id} has no queue pair"),
+                format!(
+                    "thread {thread_id} has {} rings, not a queue pair",
+                    vrings.len()
+                ),
             ));
         };
         let ev = u64::from(device_event);
