@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_dirtylog::driver::net::{self as netdrv, NetConfigInfo, RxQueue, TxQueue, POISON};
-use vhost_dirtylog::driver::{Buf, Connection, GuestRam, QueueLayout, RegionSpec};
+use vhost_dirtylog::driver::{Buf, Connection, DriverError, GuestRam, QueueLayout, RegionSpec};
 use vhost_dirtylog::net::{NetConfig, NetDevice, Port, SocketPort};
 use vhost_dirtylog::test_utils::{
     pages_covering, set_pages, DaemonDir, DaemonProcess, InProcessDaemon,
@@ -267,6 +267,13 @@ fn net_rx_burst_publishes_whole_frames() {
         s.rx_bursts,
         s.rx_frames
     );
+    // Negative control: publishing each buffer on its own (virtio-queue's `add_used`) is caught.
+    d.dev.publish_each_buffer_for_tests(true);
+    wire.inject(&frame(4200, 0x77));
+    match g.rx[0].recv(T) {
+        Err(DriverError::Backend(m)) => assert!(m.contains("published with only"), "{m}"),
+        other => panic!("a frame published buffer by buffer was not caught: {other:?}"),
+    }
 }
 
 #[test]
@@ -395,6 +402,9 @@ fn net_daemon_program_round_trip_and_drop_marks_switch() {
         let marked = !logged(&log).is_empty();
         if drop_marks && cfg!(feature = "test-drop-marks") {
             assert!(!marked, "drop-marks switch on, but pages were marked");
+            // The negative control: the page check catches the unmarked build.
+            let caught = std::panic::catch_unwind(|| assert_marked(&log, &got, rx_layout(0)));
+            assert!(caught.is_err(), "the page check missed the unmarked build");
         } else {
             assert!(marked, "nothing marked");
             assert_marked(&log, &got, rx_layout(0));

@@ -2,10 +2,10 @@
 //!
 //! Built like [`crate::blk`]: `virtio-queue` for the rings, `vm-memory` for guest memory,
 //! `vhost-user-backend` for the protocol, and served through
-//! [`DirtyLogBackend`](crate::backend::DirtyLogBackend) so the frontend can live-migrate the
+//! [`DirtyLogBackend`] so the frontend can live-migrate the
 //! guest. Its pieces:
 //!
-//! - [`NetDevice`]: the [`VhostUserBackend`](vhost_user_backend::VhostUserBackend) (features,
+//! - [`NetDevice`]: the [`VhostUserBackend`] (features,
 //!   config space, one worker thread per queue pair, quiescing); its `VhostUserBackend` impl is
 //!   in `net/backend.rs`, the RX and TX paths ([`NetDevice`]'s `rx_burst` / `tx_burst`) here.
 //! - [`port`]: packet ports ([`Port`], [`SocketPort`]).
@@ -205,6 +205,9 @@ struct Inner {
     pairs: Vec<Mutex<Pair>>,
     /// The worker exit-event fds vhost-user-backend leaks (closed by `reclaim_exit_fds`).
     exit_fds: Mutex<Vec<RawFd>>,
+    /// Test hook (negative control): publish RX used elements one at a time.
+    #[cfg(feature = "test-utils")]
+    publish_early: AtomicBool,
 }
 
 /// The vhost-user-net device (see the module docs). Cheap to clone (shared state).
@@ -261,6 +264,8 @@ impl NetDevice {
                 event_idx: AtomicBool::new(false),
                 pairs,
                 exit_fds: Mutex::new(Vec::new()),
+                #[cfg(feature = "test-utils")]
+                publish_early: AtomicBool::new(false),
             }),
         })
     }
@@ -332,6 +337,14 @@ impl NetDevice {
                 drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
             }
         }
+    }
+
+    /// Test hook (negative control): while `on`, RX bursts publish the used index after each
+    /// used element (as virtio-queue's `add_used` does), pausing 5 ms in between, so a frame
+    /// spread over several buffers is visible to the driver before all its buffers are.
+    #[cfg(feature = "test-utils")]
+    pub fn publish_each_buffer_for_tests(&self, on: bool) {
+        self.inner.publish_early.store(on, Ordering::SeqCst);
     }
 
     fn port_event(&self) -> u64 {
@@ -554,7 +567,21 @@ impl NetDevice {
         let used_ring = q.used_ring();
         let size = q.size();
         let start = Wrapping(q.next_used());
+        #[cfg(feature = "test-utils")]
+        let early = self.inner.publish_early.load(Ordering::Relaxed);
         for (i, &(head, len)) in p.used.iter().enumerate() {
+            #[cfg(feature = "test-utils")]
+            if early && i > 0 {
+                // Negative control: publish each element as virtio-queue's `add_used` would,
+                // with a pause, so a driver sees frames whose buffers are not all there.
+                let idx = (start + Wrapping(i as u16)).0.to_le();
+                let _ = mem.store(
+                    idx,
+                    GuestAddress(used_ring).unchecked_add(2),
+                    Ordering::Release,
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             let slot = (start + Wrapping(i as u16)).0 % size;
             let addr = GuestAddress(used_ring).unchecked_add(4 + 8 * u64::from(slot));
             // struct virtq_used_elem { le32 id; le32 len; } as one little-endian u64.
@@ -646,10 +673,7 @@ impl NetDevice {
     ) {
         let mut used_any = false;
         let limit = hdr_len + MAX_FRAME_LEN;
-        loop {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let mut total = 0usize;
             let mut problem: Option<&'static str> = None;
