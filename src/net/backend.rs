@@ -181,7 +181,11 @@ impl VhostUserBackend for NetDevice {
             ));
         };
         let ev = u64::from(device_event);
-        if ev == self.port_event() || ev == rx as u64 {
+        if ev == self.resume_event() {
+            self.take_resume(pair);
+            self.rx_process(pair, rx_ring);
+            self.tx_process(pair, tx_ring);
+        } else if ev == self.port_event() || ev == rx as u64 {
             self.rx_process(pair, rx_ring);
         } else if ev == tx as u64 {
             self.tx_process(pair, tx_ring);

@@ -15,7 +15,10 @@
 //! ## Queues
 //! Queue `2 * p` is the RX queue of queue pair `p`, `2 * p + 1` its TX queue (virtio 1.2,
 //! 5.1.2). One worker thread per pair (`queues_per_thread`); the pair's port fd is registered in
-//! that thread's epoll set (edge-triggered) as device event `num_queues + 1`. There is no
+//! that thread's epoll set (edge-triggered) as device event `num_queues + 1`, and a resume
+//! eventfd as `num_queues + 2`: a worker that stops after [`RX_BURSTS_PER_EVENT`] RX bursts or
+//! [`TX_BURST`] TX chains with work left writes it and returns to epoll, so a flood in one
+//! direction does not starve the other direction or the exit event. There is no
 //! control queue: with QEMU's `-netdev vhost-user` the control queue is QEMU's own (its
 //! virtio-net model answers `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` and enables or disables our rings
 //! with `SET_VRING_ENABLE`; `VIRTIO_NET_F_CTRL_VQ` is not among the features QEMU's
@@ -53,7 +56,7 @@ mod stats;
 
 use std::io::{Error as IoError, ErrorKind, IoSlice, Result as IoResult};
 use std::num::Wrapping;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -61,6 +64,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringSt
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{DirtyGuestMemory, DirtyLogBackend};
 use crate::log::{DirtyLog, GuestDirtyBitmap};
@@ -79,6 +83,11 @@ pub const MAX_QUEUE_PAIRS: u16 = 32;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Most frames one RX burst puts in the guest before it publishes the used index.
 pub const RX_BURST: usize = 64;
+/// RX bursts one port or kick event runs before the worker yields to its other events (TX
+/// kicks, exit); it comes back through the pair's resume eventfd.
+pub const RX_BURSTS_PER_EVENT: usize = 4;
+/// TX chains one kick event sends before the worker yields (and resumes as for RX).
+pub const TX_BURST: usize = 256;
 /// Most descriptors of one RX chain the device uses (longer chains are bad chains).
 const MAX_RX_SEGS: usize = 1024;
 /// MAC address used when none is given (QEMU's default prefix, locally administered).
@@ -120,6 +129,9 @@ pub enum ConfigError {
     /// MTU out of range.
     #[error("MTU must be between 68 and 65535 - 14 bytes, got {0}")]
     Mtu(u16),
+    /// The device's eventfds could not be created.
+    #[error("cannot create the device's eventfds: {0}")]
+    Resources(String),
     /// One port per queue pair is needed.
     #[error("{ports} port(s) given for {pairs} queue pair(s); one per pair is needed")]
     Ports {
@@ -205,6 +217,9 @@ struct Inner {
     pairs: Vec<Mutex<Pair>>,
     /// The worker exit-event fds vhost-user-backend leaks (closed by `reclaim_exit_fds`).
     exit_fds: Mutex<Vec<RawFd>>,
+    /// Per pair: written when a worker yields with work left (a flood on one side must not
+    /// starve the other side or the exit event); its event runs both paths again.
+    resume: Vec<EventFd>,
     /// Test hook (negative control): publish RX used elements one at a time.
     #[cfg(feature = "test-utils")]
     publish_early: AtomicBool,
@@ -254,8 +269,13 @@ impl NetDevice {
                 })
             })
             .collect();
+        let resume = (0..config.queue_pairs)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<IoResult<Vec<_>>>()
+            .map_err(|e| ConfigError::Resources(e.to_string()))?;
         Ok(NetDevice {
             inner: Arc::new(Inner {
+                resume,
                 config,
                 ports,
                 log,
@@ -319,6 +339,7 @@ impl NetDevice {
                 )
             })?;
             h.register_listener(port.fd(), EventSet::IN | EventSet::EDGE_TRIGGERED, id)?;
+            h.register_listener(self.inner.resume[i].as_raw_fd(), EventSet::IN, id + 1)?;
         }
         Ok(())
     }
@@ -345,6 +366,27 @@ impl NetDevice {
     #[cfg(feature = "test-utils")]
     pub fn publish_each_buffer_for_tests(&self, on: bool) {
         self.inner.publish_early.store(on, Ordering::SeqCst);
+    }
+
+    /// Device event of the pair's resume eventfd (`num_queues + 2`).
+    fn resume_event(&self) -> u64 {
+        self.port_event() + 1
+    }
+
+    /// Consumes the pair's resume event.
+    fn take_resume(&self, pair: usize) {
+        if let Some(e) = self.inner.resume.get(pair) {
+            let _ = e.read();
+        }
+    }
+
+    /// Makes the pair's worker come back (after its other ready events).
+    fn yield_worker(&self, pair: usize) {
+        if let Some(e) = self.inner.resume.get(pair) {
+            if let Err(e) = e.write(1) {
+                log::warn!("pair {pair}: cannot resume the worker: {e}");
+            }
+        }
     }
 
     fn port_event(&self) -> u64 {
@@ -394,9 +436,18 @@ impl NetDevice {
         let hdr_len = self.hdr_len();
         // Kicks are not needed while buffers last.
         let _ = state.disable_notification();
+        let mut bursts = 0;
         loop {
             match self.rx_burst(p, &mut state, &mem, &**port, hdr_len, mrg, event_idx, pair) {
-                RxStop::BurstFull => continue,
+                RxStop::BurstFull => {
+                    bursts += 1;
+                    if bursts < RX_BURSTS_PER_EVENT {
+                        continue;
+                    }
+                    // The (edge-triggered) port may still hold frames: come back later.
+                    self.yield_worker(pair);
+                    break;
+                }
                 RxStop::PortEmpty | RxStop::Broken => break,
                 RxStop::NoBuffers => {
                     // Ask for a kick at the next buffer; if some arrived meanwhile, go on.
@@ -650,7 +701,11 @@ impl NetDevice {
         let hdr_len = self.hdr_len();
         loop {
             let _ = state.disable_notification();
-            self.tx_burst(p, &mut state, &mem, &**port, hdr_len, pair);
+            if self.tx_burst(p, &mut state, &mem, &**port, hdr_len, pair) {
+                // More chains wait; notifications stay off until we are back.
+                self.yield_worker(pair);
+                break;
+            }
             match state.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -670,10 +725,13 @@ impl NetDevice {
         port: &dyn Port,
         hdr_len: usize,
         pair: usize,
-    ) {
-        let mut used_any = false;
+    ) -> bool {
+        let mut used = 0usize;
         let limit = hdr_len + MAX_FRAME_LEN;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+        while used < TX_BURST {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut total = 0usize;
             let mut problem: Option<&'static str> = None;
@@ -734,15 +792,16 @@ impl NetDevice {
             // The device writes nothing into TX buffers: used length 0.
             if let Err(e) = state.add_used(head, 0) {
                 log::error!("pair {pair}: cannot add TX used entry for {head}: {e}");
-                return;
+                return false;
             }
-            used_any = true;
+            used += 1;
         }
-        if used_any && state.needs_notification().unwrap_or(true) {
+        if used > 0 && state.needs_notification().unwrap_or(true) {
             if let Err(e) = state.signal_used_queue() {
                 log::warn!("pair {pair}: cannot signal the TX queue: {e}");
             }
         }
+        used == TX_BURST
     }
 }
 
