@@ -541,3 +541,78 @@ fn net_tap_port_round_trip() {
     assert_eq!(s.tx_frames, 1, "{s:?}");
     assert_eq!(s.errors(), 0, "{s:?}");
 }
+
+/// Injects frames into the port as fast as the socket takes them until `stop` is set.
+fn flood(
+    wire: &Wire,
+    len: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let sock = wire.sock.try_clone().unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let to = wire.port.clone();
+    std::thread::spawn(move || {
+        let f = frame(len, 0x5a);
+        let mut sent = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match sock.send_to(&f, &to) {
+                Ok(_) => sent += 1,
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn net_get_vring_base_leaves_no_write_after_the_reply() {
+    // Frames keep arriving and the guest keeps posting buffers; GET_VRING_BASE on the RX
+    // queue must leave guest memory untouched after its reply. Then the negative control:
+    // an RX path that ignores the stop is caught by the same check.
+    for ignore_stop in [false, true] {
+        let d = in_process(1);
+        let (mut g, _) = Guest::new(d.daemon.connect(), 1, false);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let injector = flood(&d.wires[0], 1500, stop.clone());
+        for _ in 0..200 {
+            g.rx[0].recv(T).unwrap();
+        }
+        d.dev.ignore_stop_for_tests(ignore_stop);
+        g.conn.stop_queue(0).unwrap();
+        let snap = g.ram.snapshot();
+        std::thread::sleep(Duration::from_millis(200));
+        let changed = g.ram.changed_pages(&snap);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(injector.join().unwrap() > 200);
+        if ignore_stop {
+            assert!(
+                !changed.is_empty(),
+                "negative control: an RX path ignoring the stop went unnoticed"
+            );
+        } else {
+            assert!(
+                changed.is_empty(),
+                "pages written after GET_VRING_BASE: {changed:x?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn net_daemon_serves_a_reconnecting_frontend() {
+    let env = DaemonDir::new("net-reconnect");
+    let (port, peer) = (env.dir.path().join("port"), env.dir.path().join("peer"));
+    let wire = Wire::new(&peer, &port);
+    let mut d = spawn_daemon(env, &port, &peer, false);
+    for round in 0..3u8 {
+        let (mut g, _) = Guest::new(d.connect(), 1, false);
+        let f = frame(700, round);
+        wire.inject(&f);
+        assert_eq!(g.rx[0].recv(T).unwrap().data, f, "round {round}");
+        g.tx[0].send(&f, false).unwrap();
+        g.tx[0].kick().unwrap();
+        assert_eq!(wire.take(), f, "round {round}");
+        drop(g);
+        d.assert_alive();
+    }
+}

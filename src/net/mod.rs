@@ -225,6 +225,9 @@ struct Inner {
     /// Test hook (negative control): publish RX used elements one at a time.
     #[cfg(feature = "test-utils")]
     publish_early: AtomicBool,
+    /// Test hook (negative control): RX keeps running on a stopped ring.
+    #[cfg(feature = "test-utils")]
+    ignore_stop: AtomicBool,
 }
 
 /// The vhost-user-net device (see the module docs). Cheap to clone (shared state).
@@ -288,6 +291,8 @@ impl NetDevice {
                 exit_fds: Mutex::new(Vec::new()),
                 #[cfg(feature = "test-utils")]
                 publish_early: AtomicBool::new(false),
+                #[cfg(feature = "test-utils")]
+                ignore_stop: AtomicBool::new(false),
             }),
         })
     }
@@ -391,6 +396,21 @@ impl NetDevice {
         }
     }
 
+    /// Test hook (negative control): while `on`, the RX path ignores that its ring was stopped
+    /// (`GET_VRING_BASE`) or disabled, so it writes guest memory after the reply.
+    #[cfg(feature = "test-utils")]
+    pub fn ignore_stop_for_tests(&self, on: bool) {
+        self.inner.ignore_stop.store(on, Ordering::SeqCst);
+    }
+
+    fn stopped(&self, state: &VringState<DirtyGuestMemory>) -> bool {
+        #[cfg(feature = "test-utils")]
+        if self.inner.ignore_stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        !state.get_queue().ready() || !state.is_enabled()
+    }
+
     fn port_event(&self) -> u64 {
         2 * u64::from(self.inner.config.queue_pairs) + 1
     }
@@ -418,7 +438,7 @@ impl NetDevice {
         let mut p = lock(p);
         let p = &mut *p;
         let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
+        if self.stopped(&state) {
             p.backlog = true;
             return;
         }
