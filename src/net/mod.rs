@@ -225,9 +225,6 @@ struct Inner {
     /// Test hook (negative control): publish RX used elements one at a time.
     #[cfg(feature = "test-utils")]
     publish_early: AtomicBool,
-    /// Test hook (negative control): RX keeps running on a stopped ring.
-    #[cfg(feature = "test-utils")]
-    ignore_stop: AtomicBool,
 }
 
 /// The vhost-user-net device (see the module docs). Cheap to clone (shared state).
@@ -291,8 +288,6 @@ impl NetDevice {
                 exit_fds: Mutex::new(Vec::new()),
                 #[cfg(feature = "test-utils")]
                 publish_early: AtomicBool::new(false),
-                #[cfg(feature = "test-utils")]
-                ignore_stop: AtomicBool::new(false),
             }),
         })
     }
@@ -396,18 +391,7 @@ impl NetDevice {
         }
     }
 
-    /// Test hook (negative control): while `on`, the RX path ignores that its ring was stopped
-    /// (`GET_VRING_BASE`) or disabled, so it writes guest memory after the reply.
-    #[cfg(feature = "test-utils")]
-    pub fn ignore_stop_for_tests(&self, on: bool) {
-        self.inner.ignore_stop.store(on, Ordering::SeqCst);
-    }
-
     fn stopped(&self, state: &VringState<DirtyGuestMemory>) -> bool {
-        #[cfg(feature = "test-utils")]
-        if self.inner.ignore_stop.load(Ordering::SeqCst) {
-            return false;
-        }
         !state.get_queue().ready() || !state.is_enabled()
     }
 
