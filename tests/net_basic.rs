@@ -615,3 +615,56 @@ fn net_daemon_serves_a_reconnecting_frontend() {
         d.assert_alive();
     }
 }
+
+/// Frames per second from the socket port into the guest for one second, logging off or on.
+fn rx_rate(len: usize, log: bool) -> f64 {
+    let d = in_process(1);
+    let (mut g, _log) = Guest::new(d.daemon.connect(), 1, log);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sock = d.wires[0].sock.try_clone().unwrap();
+    let to = d.wires[0].port.clone();
+    let s2 = stop.clone();
+    let injector = std::thread::spawn(move || {
+        sock.set_write_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let f = frame(len, 1);
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = sock.send_to(&f, &to);
+        }
+    });
+    // Warm up, then count for one second.
+    for _ in 0..1000 {
+        g.rx[0].recv(T).unwrap();
+    }
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(1) {
+        g.rx[0].recv(T).unwrap();
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    injector.join().unwrap();
+    let s = d.dev.pair_stats(0).unwrap();
+    eprintln!(
+        "  {len:>5} B, logging {:>3}: {rate:>10.0} frames/s ({} frames in {} bursts, {:.1} frames/burst)",
+        if log { "on" } else { "off" },
+        s.rx_frames,
+        s.rx_bursts,
+        s.rx_frames as f64 / s.rx_bursts.max(1) as f64
+    );
+    rate
+}
+
+/// Preliminary RX throughput through the socket port (the in-process guest driver and the
+/// injecting socket share the machine with the device, so absolute numbers are low; the ratio
+/// is the point). `cargo test --release --test net_basic -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn net_rx_throughput_logging_off_vs_on() {
+    for len in [64usize, 1500] {
+        let off = rx_rate(len, false);
+        let on = rx_rate(len, true);
+        eprintln!("  {len:>5} B: logging on / off = {:.3}", on / off);
+    }
+}
