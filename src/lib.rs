@@ -49,10 +49,14 @@ pub mod daemon;
 #[cfg(feature = "driver")]
 pub mod driver;
 pub mod log;
+#[cfg(feature = "net")]
+pub mod net;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 #[cfg(any(feature = "blk", feature = "driver"))]
 pub mod virtio_blk;
+#[cfg(any(feature = "net", feature = "driver"))]
+pub mod virtio_net;
 pub mod vmm;
 
 /// The README's Rust examples, compiled as doc tests so they cannot rot.

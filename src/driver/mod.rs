@@ -40,6 +40,7 @@
 
 pub mod blk;
 mod conn;
+pub mod net;
 mod ram;
 mod virtq;
 

@@ -1,0 +1,230 @@
+//! The accept loop of the `vhost-dirtylog-net` program: one frontend at a time, forever.
+//!
+//! As [`crate::blk::daemon`]: vhost-user-backend's `VhostUserDaemon` serves one connection and
+//! its worker threads belong to it, so [`NetServer`] builds a fresh device, adapter, guest
+//! memory and daemon for every frontend, registers the ports in the workers' epoll sets, runs
+//! to the disconnect and tears the threads down. The ports stay open across connections (a
+//! peer keeps its address; frames that arrive meanwhile wait in the socket queue).
+//!
+//! ## The negative-control switch (`test-drop-marks`)
+//! Built with the cargo feature `test-drop-marks` *and* run with
+//! `VHOST_DIRTYLOG_TEST_DROP_MARKS=1`, the daemon suppresses its log handle: it advertises and
+//! acknowledges LOG_ALL but never marks. Tests use it to prove they catch lost pages.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::{lock, ConfigError, NetConfig, NetDevice, PairStats, Port};
+
+/// Why the daemon stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Invalid settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// vhost-user-backend failed outside a connection (creating threads, accepting).
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+/// Serves one set of ports to successive frontends.
+#[derive(Debug)]
+pub struct NetServer {
+    config: NetConfig,
+    ports: Vec<Arc<dyn Port>>,
+    current: Mutex<Option<NetDevice>>,
+    totals: Mutex<Vec<PairStats>>,
+    connections: AtomicU64,
+    #[cfg_attr(not(feature = "test-drop-marks"), allow(dead_code))]
+    drop_marks: bool,
+}
+
+impl NetServer {
+    /// Checks the settings; `ports` has one port per queue pair.
+    pub fn new(config: NetConfig, ports: Vec<Arc<dyn Port>>) -> Result<Self, ServeError> {
+        config.validate()?;
+        if ports.len() != usize::from(config.queue_pairs) {
+            return Err(ConfigError::Ports {
+                ports: ports.len(),
+                pairs: config.queue_pairs,
+            }
+            .into());
+        }
+        let n = usize::from(config.queue_pairs);
+        Ok(NetServer {
+            config,
+            ports,
+            current: Mutex::new(None),
+            totals: Mutex::new(vec![PairStats::default(); n]),
+            connections: AtomicU64::new(0),
+            drop_marks: drop_marks_requested(),
+        })
+    }
+
+    /// The device of the connected frontend, if any.
+    pub fn current(&self) -> Option<NetDevice> {
+        lock(&self.current).clone()
+    }
+
+    /// Accepts one frontend on `listener` and serves it until it disconnects. A protocol error
+    /// ends the connection (logged), not the server.
+    pub fn serve_one(&self, listener: &mut Listener) -> Result<(), ServeError> {
+        wait_readable(listener)?;
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend =
+            NetDevice::into_backend(self.config.clone(), self.ports.clone(), mem.clone())?;
+        let device = backend.inner().clone();
+        #[cfg(feature = "test-drop-marks")]
+        if self.drop_marks {
+            backend.log().suppress_logging_for_tests();
+        }
+        let mut daemon = VhostUserDaemon::new("vhost-dirtylog-net".to_string(), backend, mem)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        device
+            .attach(&daemon)
+            .map_err(|e| ServeError::Daemon(format!("registering the ports: {e}")))?;
+        daemon
+            .start(listener)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        log::info!("frontend connected");
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.current) = Some(device.clone());
+        match wait_refusing_others(listener, || daemon.wait()) {
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            Err(e) => log::warn!("connection ended: {e}"),
+        }
+        drop(daemon);
+        device.reclaim_exit_fds();
+        let mut totals = lock(&self.totals);
+        for (i, t) in totals.iter_mut().enumerate() {
+            if let Some(s) = device.pair_stats(i) {
+                t.add(&s);
+            }
+        }
+        *lock(&self.current) = None;
+        Ok(())
+    }
+
+    /// Serves frontends one after the other, forever (until an unrecoverable error).
+    pub fn serve(&self, mut listener: Listener) -> Result<(), ServeError> {
+        loop {
+            self.serve_one(&mut listener)?;
+        }
+    }
+
+    /// A human-readable statistics report: per queue pair, the connected frontend's counters
+    /// and the totals over all connections.
+    pub fn stats_report(&self) -> String {
+        use std::fmt::Write;
+        let current = self.current();
+        let totals = lock(&self.totals).clone();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "statistics: {} frontend(s) served, {}",
+            self.connections.load(Ordering::Relaxed),
+            if current.is_some() {
+                "one connected"
+            } else {
+                "none connected"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "{:>4} {:>12} {:>14} {:>12} {:>14} {:>10} {:>8}   (connected frontend / all connections)",
+            "pair", "rx-frames", "rx-bytes", "tx-frames", "tx-bytes", "tx-dropped", "errors"
+        );
+        for (i, total) in totals.iter().enumerate() {
+            let now = current
+                .as_ref()
+                .and_then(|d| d.pair_stats(i))
+                .unwrap_or_default();
+            let mut all = *total;
+            all.add(&now);
+            for (s, what) in [(now, "now"), (all, "total")] {
+                let _ = writeln!(
+                    out,
+                    "{i:>4} {:>12} {:>14} {:>12} {:>14} {:>10} {:>8}   {what}",
+                    s.rx_frames,
+                    s.rx_bytes,
+                    s.tx_frames,
+                    s.tx_bytes,
+                    s.tx_dropped,
+                    s.errors()
+                );
+            }
+        }
+        if let Some(d) = &current {
+            let l = d.dirty_log().stats();
+            let _ = writeln!(
+                out,
+                "dirty log (connected frontend): logging {}, out-of-range marks {} ({} pages), \
+                 marks without a log {}",
+                if d.dirty_log().is_logging() {
+                    "on"
+                } else {
+                    "off"
+                },
+                l.out_of_range_marks,
+                l.out_of_range_pages,
+                l.marks_without_log
+            );
+        }
+        out
+    }
+}
+
+/// Blocks until a frontend is waiting to be accepted on `listener`.
+fn wait_readable(listener: &Listener) -> Result<(), ServeError> {
+    loop {
+        let mut fd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `fd` is a live, initialised pollfd; poll only writes its `revents`.
+        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
+        if rc > 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if rc < 0 && e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(ServeError::Daemon(format!("waiting for a frontend: {e}")));
+        }
+    }
+}
+
+#[cfg(feature = "daemon")]
+fn wait_refusing_others<R>(listener: &Listener, wait: impl FnOnce() -> R) -> R {
+    crate::daemon::socket::refusing_others(listener, wait)
+}
+
+#[cfg(not(feature = "daemon"))]
+fn wait_refusing_others<R>(_listener: &Listener, wait: impl FnOnce() -> R) -> R {
+    wait()
+}
+
+#[cfg(not(feature = "test-drop-marks"))]
+fn drop_marks_requested() -> bool {
+    false
+}
+
+#[cfg(feature = "test-drop-marks")]
+fn drop_marks_requested() -> bool {
+    let on = std::env::var_os("VHOST_DIRTYLOG_TEST_DROP_MARKS").is_some_and(|v| v == "1");
+    if on {
+        log::warn!(
+            "TEST MODE: VHOST_DIRTYLOG_TEST_DROP_MARKS=1: dirty logging is advertised but never \
+             turned on; migrations WILL lose pages"
+        );
+    }
+    on
+}
