@@ -1,4 +1,4 @@
-//! The relay in front of vhost-user-backend (`daemon::relay`): QEMU's virtio-net sends
+//! The relay in front of vhost-user-backend (`backend::relay`): QEMU's virtio-net sends
 //! `SET_VRING_ENABLE` before `SET_FEATURES`; the stock crates end the connection on it (the
 //! negative control shows the flaw), through the relay the connection survives and the ring
 //! state reaches the device after `SET_FEATURES`.
@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
+use vhost_dirtylog::backend::relay::Relay;
 use vhost_dirtylog::backend::DirtyLogBackend;
-use vhost_dirtylog::daemon::relay::Relay;
 use vhost_dirtylog::test_utils::NullDevice;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};

@@ -16,6 +16,7 @@
 //! | `REM_MEM_REGION` | drops the region | nothing: marks already made stay in the log |
 //! | a region whose fd is shorter than the region | maps it anyway (vm-memory does not check), the first access raises `SIGBUS` | `update_memory` `fstat`s every file-backed region, puts the previous memory table back and fails the message |
 //! | `SET_VRING_ADDR` on a running ring (QEMU re-sends it to flip `VHOST_VRING_F_LOG`) | sets the addresses, reads `used->idx` from guest memory and sets the ring's next used index to it, in three lock steps: a completion published in between is wound back | the adapter's vring type [`AdapterVring`] applies that index only while the ring is not started, so a running ring keeps its own next used index (see [`vring`](AdapterVring)'s docs) |
+//! | `SET_VRING_ENABLE` before `SET_FEATURES` (QEMU's virtio-net, at device reset) | ends the connection (`InactiveFeature`) | nothing in the adapter: a daemon that serves QEMU's virtio-net puts the [`relay`] in front of the handler, which answers the message and replays it after `SET_FEATURES` |
 //! | `GET_VRING_BASE` | stops the ring, calls `stop_vring` | delegated; the device completes (and, through the bitmap, marks) in-flight requests before returning, so the reply follows the last mark |
 //!
 //! **LOG_ALL racing a write.** The mark path reads the logging flag with a relaxed load (the
@@ -45,6 +46,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::log::{DirtyLog, GuestDirtyBitmap};
 
+pub mod relay;
 mod vring;
 use vring::inner_vrings;
 pub use vring::AdapterVring;

@@ -11,13 +11,9 @@
 //! - [`lock`]: the disk image lock (open-file-description locks, as QEMU's `file-posix` uses);
 //! - [`sandbox`]: the seccomp allow-list (rust-vmm's `seccompiler`) and the Landlock rules (the
 //!   `landlock` crate) applied before the first frontend is accepted;
-//! - [`relay`]: a message relay in front of vhost-user-backend that accepts QEMU's
-//!   `SET_VRING_ENABLE` before `SET_FEATURES` (virtio-net sends it; the rust-vmm crates end the
-//!   connection on it);
 //! - [`default_num_queues`]: how many queues to offer when the user does not say.
 
 pub mod lock;
-pub mod relay;
 pub mod sandbox;
 pub mod socket;
 

@@ -81,12 +81,47 @@ pub enum RelayError {
     Intruder(i32),
 }
 
-/// The relay's private listener; one per daemon process, reused for every frontend.
+/// The relay's private listener; one per daemon process, reused for every frontend. Dropping it
+/// removes the socket and its directory.
 #[derive(Debug)]
 pub struct Relay {
     listener: UnixListener,
     path: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Creates a new directory only this user can enter (mode 0700) under `$TMPDIR`, with a name
+/// no other directory has (`mkdir` is exclusive; a taken name is retried).
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let base = std::env::temp_dir();
+    let mut last = None;
+    for _ in 0..16 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "vhost-dirtylog-relay-{}-{}-{nanos:08x}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = base.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free relay directory name")))
 }
 
 /// A running relay connection: its two copying threads.
@@ -110,15 +145,19 @@ impl Relay {
     ///
     /// Errors: the directory or the socket cannot be created.
     pub fn new() -> Result<Relay, RelayError> {
-        let dir = tempfile::Builder::new()
-            .prefix("vhost-dirtylog-relay-")
-            .tempdir()?;
-        let path = dir.path().join("backend.sock");
-        let listener = UnixListener::bind(&path)?;
+        let dir = private_dir()?;
+        let path = dir.join("backend.sock");
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e.into());
+            }
+        };
         Ok(Relay {
             listener,
             path,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -447,7 +486,7 @@ mod tests {
     #[test]
     fn descriptors_and_replies_pass_both_ways() {
         let (mut fe, mut be, conn) = pair();
-        let file = tempfile::tempfile().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
         let bytes = req(31, FLAG_VERSION, &[7u8; 40]);
         fe.send_with_fds(&[&bytes[..]], &[file.as_raw_fd()])
             .unwrap();
