@@ -20,6 +20,7 @@ use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::{lock, ConfigError, NetConfig, NetDevice, PairStats, Port};
+use crate::backend::relay::Relay;
 
 /// Why the daemon stopped.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum ServeError {
 /// Serves one set of ports to successive frontends.
 #[derive(Debug)]
 pub struct NetServer {
+    /// The private socket vhost-user-backend is served through (see `backend::relay`).
+    relay: Relay,
     config: NetConfig,
     ports: Vec<Arc<dyn Port>>,
     current: Mutex<Option<NetDevice>>,
@@ -56,7 +59,9 @@ impl NetServer {
             .into());
         }
         let n = usize::from(config.queue_pairs);
+        let relay = Relay::new().map_err(|e| ServeError::Daemon(format!("relay: {e}")))?;
         Ok(NetServer {
+            relay,
             config,
             ports,
             current: Mutex::new(None),
@@ -88,8 +93,12 @@ impl NetServer {
         device
             .attach(&daemon)
             .map_err(|e| ServeError::Daemon(format!("registering the ports: {e}")))?;
-        daemon
-            .start(listener)
+        let frontend = accept(listener)?;
+        // QEMU's virtio-net sends SET_VRING_ENABLE before SET_FEATURES, which the stock
+        // handler answers by closing the connection: the relay answers it (`backend::relay`).
+        let relayed = self
+            .relay
+            .start(&mut daemon, frontend)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         log::info!("frontend connected");
         self.connections.fetch_add(1, Ordering::Relaxed);
@@ -102,6 +111,7 @@ impl NetServer {
             Err(e) => log::warn!("connection ended: {e}"),
         }
         drop(daemon);
+        relayed.join();
         device.reclaim_exit_fds();
         let mut totals = lock(&self.totals);
         for (i, t) in totals.iter_mut().enumerate() {
@@ -179,6 +189,21 @@ impl NetServer {
             );
         }
         out
+    }
+}
+
+/// Accepts the waiting frontend (the listener may be non-blocking: retried until one is there).
+fn accept(listener: &mut Listener) -> Result<std::os::unix::net::UnixStream, ServeError> {
+    loop {
+        match listener.accept() {
+            Ok(Some(s)) => {
+                s.set_nonblocking(false)
+                    .map_err(|e| ServeError::Daemon(format!("accepting a frontend: {e}")))?;
+                return Ok(s);
+            }
+            Ok(None) => wait_readable(listener)?,
+            Err(e) => return Err(ServeError::Daemon(format!("accepting a frontend: {e}"))),
+        }
     }
 }
 
