@@ -63,6 +63,14 @@ pub const REFUSED_SYSCALLS: &[&str] = &["open", "openat", "openat2"];
 pub const ALLOWED_SYSCALLS: &[&str] = &[
     // vhost-user messages, the socket, refusing extra frontends
     "accept4",
+    // the net daemon's relay (`backend::relay`): vhost-user-backend connects to the private
+    // socket for every frontend (a unix socket: `socket`, `connect`)
+    "socket",
+    "connect",
+    // std's `UnixStream` read and write are `recv` / `send(.., MSG_NOSIGNAL)`, i.e. recvfrom
+    // and sendto (the relay's copies)
+    "sendto",
+    "recvfrom",
     "recvmsg",
     "sendmsg",
     "shutdown",
@@ -163,6 +171,10 @@ fn syscall_number(name: &str) -> Option<i64> {
     arch_only.or({
         table!(
             SYS_accept4,
+            SYS_socket,
+            SYS_connect,
+            SYS_sendto,
+            SYS_recvfrom,
             SYS_recvmsg,
             SYS_sendmsg,
             SYS_shutdown,

@@ -167,7 +167,7 @@ impl VhostUserBackend for NetDevice {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> IoResult<()> {
-        if !evset.contains(EventSet::IN) {
+        if !evset.intersects(EventSet::IN | EventSet::OUT) {
             // Returning an error would end this pair's worker thread for good. A port error
             // (ERR/HUP) is seen by the next read, counted and logged there.
             log::debug!("pair {thread_id}: event {device_event} with {evset:?}");
@@ -191,7 +191,15 @@ impl VhostUserBackend for NetDevice {
             self.take_resume(pair);
             self.rx_process(pair, rx_ring);
             self.tx_process(pair, tx_ring);
-        } else if ev == self.port_event() || ev == rx as u64 {
+        } else if ev == self.port_event() {
+            // Edge-triggered: IN = frames arrived; OUT = a full port drained (TX waits for it).
+            if evset.contains(EventSet::IN) || !evset.contains(EventSet::OUT) {
+                self.rx_process(pair, rx_ring);
+            }
+            if evset.contains(EventSet::OUT) {
+                self.tx_process(pair, tx_ring);
+            }
+        } else if ev == rx as u64 {
             self.rx_process(pair, rx_ring);
         } else if ev == tx as u64 {
             self.tx_process(pair, tx_ring);

@@ -149,8 +149,8 @@ impl NetServer {
         );
         let _ = writeln!(
             out,
-            "{:>4} {:>12} {:>14} {:>12} {:>14} {:>10} {:>8}   (connected frontend / all connections)",
-            "pair", "rx-frames", "rx-bytes", "tx-frames", "tx-bytes", "tx-dropped", "errors"
+            "{:>4} {:>12} {:>14} {:>12} {:>14} {:>10} {:>10} {:>8}   (connected frontend / all connections)",
+            "pair", "rx-frames", "rx-bytes", "tx-frames", "tx-bytes", "tx-blocked", "tx-dropped", "errors"
         );
         for (i, total) in totals.iter().enumerate() {
             let now = current
@@ -162,11 +162,12 @@ impl NetServer {
             for (s, what) in [(now, "now"), (all, "total")] {
                 let _ = writeln!(
                     out,
-                    "{i:>4} {:>12} {:>14} {:>12} {:>14} {:>10} {:>8}   {what}",
+                    "{i:>4} {:>12} {:>14} {:>12} {:>14} {:>10} {:>10} {:>8}   {what}",
                     s.rx_frames,
                     s.rx_bytes,
                     s.tx_frames,
                     s.tx_bytes,
+                    s.tx_blocked,
                     s.tx_dropped,
                     s.errors()
                 );

@@ -186,6 +186,9 @@ struct Pair {
     stats: PairStats,
     rx_rl: RateLimit,
     tx_rl: RateLimit,
+    /// The port had no room for a TX frame: its chain was given back to the avail ring
+    /// (`go_to_previous_position`) and TX waits for the port to become writable (`EPOLLOUT`).
+    tx_blocked: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -336,7 +339,11 @@ impl NetDevice {
                     format!("no worker thread for queue pair {i}"),
                 )
             })?;
-            h.register_listener(port.fd(), EventSet::IN | EventSet::EDGE_TRIGGERED, id)?;
+            h.register_listener(
+                port.fd(),
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                id,
+            )?;
             h.register_listener(self.inner.resume[i].as_raw_fd(), EventSet::IN, id + 1)?;
         }
         Ok(())
@@ -713,11 +720,17 @@ impl NetDevice {
             p.tx_buf = vec![0u8; NET_HDR_SIZE + MAX_FRAME_LEN];
         }
         let hdr_len = self.hdr_len();
+        p.tx_blocked = false;
         loop {
             let _ = state.disable_notification();
             if self.tx_burst(p, &mut state, &mem, &**port, hdr_len, pair) {
                 // More chains wait; notifications stay off until we are back.
                 self.yield_worker(pair);
+                break;
+            }
+            if p.tx_blocked {
+                // The port is full: the edge-triggered EPOLLOUT on its fd brings us back
+                // (notifications stay off; the chains wait in the avail ring meanwhile).
                 break;
             }
             match state.enable_notification() {
@@ -795,7 +808,16 @@ impl NetDevice {
                             p.stats.tx_frames += 1;
                             p.stats.tx_bytes += (total - hdr_len) as u64;
                         }
-                        Ok(_) => p.stats.tx_dropped += 1,
+                        Ok(Sent::WouldBlock) => {
+                            // Back-pressure, as QEMU's netdevs do: the chain goes back to the
+                            // avail ring and is sent when the port has room again. Nothing was
+                            // written to guest memory for it.
+                            state.get_queue_mut().go_to_previous_position();
+                            p.tx_blocked = true;
+                            p.stats.tx_blocked += 1;
+                            break;
+                        }
+                        Ok(Sent::NoPeer) => p.stats.tx_dropped += 1,
                         Err(e) => {
                             p.stats.tx_dropped += 1;
                             log::log!(p.tx_rl.level(), "pair {pair}: port send failed: {e}");

@@ -23,7 +23,8 @@ use std::sync::Mutex;
 pub enum Sent {
     /// The frame was handed to the port.
     Sent,
-    /// The port had no room (its peer's queue is full): dropped, as a NIC drops on a full link.
+    /// The port had no room (its peer's queue is full): nothing sent; the device gives the
+    /// chain back to the avail ring and retries once the fd is writable.
     WouldBlock,
     /// No peer to send to yet (nothing received, no fixed peer): dropped.
     NoPeer,

@@ -41,8 +41,10 @@ pub struct PairStats {
     pub tx_runts: u64,
     /// TX chains with descriptors outside guest memory or device-writable (dropped, completed).
     pub tx_bad_chains: u64,
-    /// TX frames the port could not take (full, no peer) or failed to send (dropped).
+    /// TX frames the port had no peer for or failed to send (dropped).
     pub tx_dropped: u64,
+    /// Times the port was full: TX waited for it to drain (back-pressure, nothing dropped).
+    pub tx_blocked: u64,
     /// Times the rings of the pair were stopped (`GET_VRING_BASE`).
     pub stops: u64,
 }
@@ -66,6 +68,7 @@ impl PairStats {
         self.tx_runts += o.tx_runts;
         self.tx_bad_chains += o.tx_bad_chains;
         self.tx_dropped += o.tx_dropped;
+        self.tx_blocked += o.tx_blocked;
         self.stops += o.stops;
     }
 
