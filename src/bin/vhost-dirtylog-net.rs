@@ -97,6 +97,12 @@ struct Args {
     #[arg(long, value_name = "BYTES")]
     mtu: Option<u16>,
 
+    /// How received frames are marked in the dirty log while migrating: `batched` (one atomic
+    /// OR per distinct log word per RX burst, flushed before the used index is published) or
+    /// `plain` (one per write; for comparisons).
+    #[arg(long, value_enum, default_value_t = Marks::Batched)]
+    marks: Marks,
+
     /// Sandbox: `all` = seccomp allow-list + Landlock; `none` = neither.
     #[arg(long, value_enum, default_value_t = Sandbox::All)]
     sandbox: Sandbox,
@@ -108,6 +114,12 @@ struct Args {
     /// Log filter (env_logger syntax). Default: RUST_LOG if set, else info.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Marks {
+    Batched,
+    Plain,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -162,6 +174,7 @@ fn run(args: Args) -> Result<(), String> {
         queue_size: args.queue_size,
         mac,
         mtu: args.mtu,
+        batch_marks: args.marks == Marks::Batched,
     };
     config.validate().map_err(|e| e.to_string())?;
     if args.fd.is_some() && (args.socket_group.is_some() || args.socket_mode.is_some()) {

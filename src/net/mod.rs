@@ -68,7 +68,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{DirtyGuestMemory, DirtyLogBackend};
-use crate::log::{DirtyLog, GuestDirtyBitmap};
+use crate::log::{DirtyLog, GuestDirtyBitmap, LogBatch};
 use crate::virtio_net::{NetHdr, ETH_HLEN, MAX_FRAME_LEN, NET_HDR_SIZE};
 
 pub use port::{Port, Sent, SocketPort};
@@ -106,6 +106,10 @@ pub struct NetConfig {
     pub mac: [u8; 6],
     /// MTU in bytes to advertise (`VIRTIO_NET_F_MTU`); `None`: not offered.
     pub mtu: Option<u16>,
+    /// Mark RX writes through a per-pair [`LogBatch`] (one `fetch_or` per distinct log word
+    /// per burst, flushed before the used index is published) instead of one `fetch_or` per
+    /// write. On by default; off only to compare the two (benchmarks).
+    pub batch_marks: bool,
 }
 
 impl Default for NetConfig {
@@ -115,6 +119,7 @@ impl Default for NetConfig {
             queue_size: 256,
             mac: DEFAULT_MAC,
             mtu: None,
+            batch_marks: true,
         }
     }
 }
@@ -186,6 +191,9 @@ struct Pair {
     stats: PairStats,
     rx_rl: RateLimit,
     tx_rl: RateLimit,
+    /// The RX path's batch of log marks (created at the first burst; see
+    /// [`NetConfig::batch_marks`]).
+    batch: Option<LogBatch>,
     /// The port had no room for a TX frame: its chain was given back to the avail ring
     /// (`go_to_previous_position`) and TX waits for the port to become writable (`EPOLLOUT`).
     tx_blocked: bool,
@@ -445,8 +453,32 @@ impl NetDevice {
         // Kicks are not needed while buffers last.
         let _ = state.disable_notification();
         let mut bursts = 0;
+        if self.inner.config.batch_marks && p.batch.is_none() {
+            p.batch = Some(self.inner.log.batch());
+        }
         loop {
-            match self.rx_burst(p, &mut state, &mem, &**port, hdr_len, mrg, event_idx, pair) {
+            let stop = match p.batch.take() {
+                // Every guest write of the burst (headers, payload, used elements) is marked
+                // into the batch, which the scope flushes when it ends: before the used index
+                // is published below and before the ring lock is released (DESIGN.md
+                // invariant 2).
+                Some(batch) => {
+                    let r = batch
+                        .scope(|| self.rx_burst(p, &mut state, &mem, &**port, hdr_len, mrg, pair));
+                    let s = batch.stats();
+                    (p.stats.log_marks, p.stats.log_rmws) = (s.marks, s.log_rmws);
+                    p.batch = Some(batch);
+                    r
+                }
+                None => self.rx_burst(p, &mut state, &mem, &**port, hdr_len, mrg, pair),
+            };
+            let stop = match stop {
+                (stop, Some(start)) => self
+                    .rx_publish(p, &mut state, &mem, start, event_idx, pair)
+                    .unwrap_or(stop),
+                (stop, None) => stop,
+            };
+            match stop {
                 RxStop::BurstFull => {
                     bursts += 1;
                     if bursts < RX_BURSTS_PER_EVENT {
@@ -475,8 +507,10 @@ impl NetDevice {
         }
     }
 
-    /// One RX burst: up to [`RX_BURST`] frames from the port into the guest's RX buffers,
-    /// then the used elements, then ONE used-index publication and at most one interrupt.
+    /// One RX burst, the guest-writing part: up to [`RX_BURST`] frames from the port into the
+    /// guest's RX buffers, then their used elements. Returns why it stopped and, if elements
+    /// were written, the used index they start at: the caller publishes the new index
+    /// ([`rx_publish`](Self::rx_publish)) once the burst's marks are flushed.
     #[allow(clippy::too_many_arguments)]
     fn rx_burst(
         &self,
@@ -486,9 +520,8 @@ impl NetDevice {
         port: &dyn Port,
         hdr_len: usize,
         mrg: bool,
-        event_idx: bool,
         pair: usize,
-    ) -> RxStop {
+    ) -> (RxStop, Option<Wrapping<u16>>) {
         p.used.clear();
         p.bad.clear();
         // A port with a virtio-net header (TAP) reads it in front of the frame, where the
@@ -633,7 +666,7 @@ impl NetDevice {
             p.used.push((h, 0));
         }
         if p.used.is_empty() {
-            return stop;
+            return (stop, None);
         }
         // 4. The used elements, then the index. A frame's buffers are consecutive.
         let used_ring = q.used_ring();
@@ -660,10 +693,27 @@ impl NetDevice {
             let elem = u64::from(head) | (u64::from(len) << 32);
             if let Err(e) = mem.write_obj(elem.to_le(), addr) {
                 log::error!("pair {pair}: RX used ring at {used_ring:#x} not writable: {e}");
-                return RxStop::Broken;
+                return (RxStop::Broken, None);
             }
         }
-        // ---- all guest writes of the burst are done here; used index published below ----
+        (stop, Some(start))
+    }
+
+    /// Publishes the used elements [`rx_burst`](Self::rx_burst) wrote from `start` on with ONE
+    /// Release store of the used index, then raises at most one interrupt (EVENT_IDX).
+    /// `Some(RxStop::Broken)` if the used ring cannot be written.
+    fn rx_publish(
+        &self,
+        p: &mut Pair,
+        state: &mut VringState<DirtyGuestMemory>,
+        mem: &Mem,
+        start: Wrapping<u16>,
+        event_idx: bool,
+        pair: usize,
+    ) -> Option<RxStop> {
+        let q = state.get_queue_mut();
+        let used_ring = q.used_ring();
+        let size = q.size();
         let new = start + Wrapping(p.used.len() as u16);
         if let Err(e) = mem.store(
             new.0.to_le(),
@@ -671,7 +721,7 @@ impl NetDevice {
             Ordering::Release,
         ) {
             log::error!("pair {pair}: RX used index not writable: {e}");
-            return RxStop::Broken;
+            return Some(RxStop::Broken);
         }
         q.set_next_used(new.0);
         p.stats.rx_bursts += 1;
@@ -694,7 +744,7 @@ impl NetDevice {
                 log::warn!("pair {pair}: cannot signal the RX queue: {e}");
             }
         }
-        stop
+        None
     }
 
     /// Transmits: every chain of the TX queue to the port, then one interrupt if needed

@@ -47,6 +47,12 @@ pub struct PairStats {
     pub tx_blocked: u64,
     /// Times the rings of the pair were stopped (`GET_VRING_BASE`).
     pub stops: u64,
+    /// RX writes marked through the pair's log batch while logging was on (batched marks
+    /// only; `BatchStats::marks`).
+    pub log_marks: u64,
+    /// Atomic read-modify-writes the batch issued on the log for them (one per distinct log
+    /// word per flush; `BatchStats::log_rmws`). Plain marks would issue at least one per mark.
+    pub log_rmws: u64,
 }
 
 impl PairStats {
@@ -70,6 +76,8 @@ impl PairStats {
         self.tx_dropped += o.tx_dropped;
         self.tx_blocked += o.tx_blocked;
         self.stops += o.stops;
+        self.log_marks += o.log_marks;
+        self.log_rmws += o.log_rmws;
     }
 
     /// Frames dropped for bad input, either direction.
