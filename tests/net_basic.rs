@@ -307,6 +307,33 @@ fn net_tx_frames_reach_the_port_and_used_ring_is_marked() {
     assert_eq!((s.tx_frames, s.tx_bytes), (3, 64 + 1500 + 1514), "{s:?}");
 }
 
+/// A full port (the peer reads nothing; a unix datagram queue holds only
+/// `net.unix.max_dgram_qlen` datagrams, 10 by default) makes TX wait, not drop: every frame
+/// the guest sent arrives, in order, once the peer reads, and none is completed before it
+/// was sent.
+#[test]
+fn net_tx_waits_for_a_full_port_instead_of_dropping() {
+    let d = in_process(1);
+    let (mut g, _) = Guest::new(d.daemon.connect(), 1, false);
+    let wire = &d.wires[0];
+    let n = 40usize;
+    let frames: Vec<Vec<u8>> = (0..n).map(|i| frame(100 + i, i as u8)).collect();
+    for f in &frames {
+        g.tx[0].send(f, false).unwrap();
+    }
+    g.tx[0].kick().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = d.dev.pair_stats(0).unwrap();
+    assert!(s.tx_blocked > 0, "the port never filled up: {s:?}");
+    assert!(s.tx_frames < n as u64, "{s:?}");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(&wire.take(), f, "TX frame {i}");
+    }
+    g.tx[0].reap(n, T).unwrap();
+    let s = d.dev.pair_stats(0).unwrap();
+    assert_eq!((s.tx_frames, s.tx_dropped), (n as u64, 0), "{s:?}");
+}
+
 #[test]
 fn net_bad_input_is_counted_not_fatal() {
     let d = in_process(1);
