@@ -23,7 +23,8 @@
 //! | feature | modules | what |
 //! |---|---|---|
 //! | `blk` | `blk`, `virtio_blk` | the vhost-user-blk device and daemon loop (`vhost-dirtylog-blk`) |
-//! | `driver` | `driver`, `virtio_blk` | frontend toolkit: in-process VMM, memfd guest RAM, split virtqueue, virtio-blk driver |
+//! | `net` | `net`, `virtio_net` | the vhost-user-net device and daemon loop (`vhost-dirtylog-net`): socket and TAP ports |
+//! | `driver` | `driver`, `virtio_blk`, `virtio_net` | frontend toolkit: in-process VMM, memfd guest RAM, split virtqueue, virtio-blk and virtio-net drivers |
 //! | `check` | `check` | the migration checker (`vhost-dirtylog-check`); implies `driver` and `serde` |
 //! | `test-utils` | `test_utils` | fixtures shared by tests, benches, examples and the fuzz crate |
 //! | `daemon` | `daemon` | what a daemon binary needs beyond its device: socket ownership and locks, seccomp + Landlock sandbox |

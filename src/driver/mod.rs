@@ -19,6 +19,8 @@
 //! - [`blk`]: virtio-blk on top: request builders (read, write, flush, get-id, discard,
 //!   write-zeroes), status parsing, the config space, and [`BlkQueue`], a queue that manages
 //!   request headers and status bytes for you.
+//! - [`net`]: virtio-net on top: negotiation, RX queues with mergeable buffers (poison-filled,
+//!   frames rebuilt from `num_buffers`), TX queues.
 //!
 //! A minimal session:
 //! ```no_run
