@@ -5,15 +5,15 @@
 //! test can read its counters) or as the `vhost-dirtylog-net` program.
 
 use std::collections::BTreeSet;
-use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost_dirtylog::driver::net::{self as netdrv, NetConfigInfo, RxQueue, TxQueue, POISON};
-use vhost_dirtylog::driver::{Buf, Connection, DriverError, GuestRam, QueueLayout, RegionSpec};
-use vhost_dirtylog::net::{NetConfig, NetDevice, Port, SocketPort};
+use vhost_dirtylog::driver::net::{self as netdrv, NetConfigInfo, POISON};
+use vhost_dirtylog::driver::{Buf, DriverError, QueueLayout};
+use vhost_dirtylog::net::{NetConfig, NetDevice, Port};
+use vhost_dirtylog::test_utils::net::*;
 use vhost_dirtylog::test_utils::{
     pages_covering, set_pages, DaemonDir, DaemonProcess, InProcessDaemon,
 };
@@ -22,147 +22,6 @@ use vhost_dirtylog::vmm::SharedLog;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost-dirtylog-net");
-const T: Duration = Duration::from_secs(10);
-const RAM_SIZE: u64 = 8 << 20;
-const QSIZE: u16 = 256;
-const RX_BUFS: u16 = 64;
-const BUF_LEN: u32 = 2048;
-const SLOT_LEN: u32 = 2048;
-
-fn rx_layout(pair: u64) -> QueueLayout {
-    QueueLayout::new(0x10000 + pair * 0x20000, QSIZE).unwrap()
-}
-fn tx_layout(pair: u64) -> QueueLayout {
-    QueueLayout::new(0x18000 + pair * 0x20000, QSIZE).unwrap()
-}
-fn rx_bufs(pair: u64) -> u64 {
-    0x100000 + pair * 0x100000
-}
-fn tx_slots(pair: u64) -> u64 {
-    0x400000 + pair * 0x100000
-}
-
-/// A test frame of `len` bytes: broadcast destination, a source MAC, then a pattern seeded by
-/// `seed` (so frames are told apart).
-fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, seed]);
-    f.extend((0..len.saturating_sub(12)).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
-    f.truncate(len);
-    f
-}
-
-/// The in-process guest: RAM, connection, one RX and one TX queue per pair.
-struct Guest {
-    ram: Arc<GuestRam>,
-    conn: Connection,
-    rx: Vec<RxQueue>,
-    tx: Vec<TxQueue>,
-}
-
-impl Guest {
-    fn new(mut conn: Connection, pairs: u64, log: bool) -> (Guest, Option<SharedLog>) {
-        let ram = Arc::new(GuestRam::new(&[RegionSpec::new(0, RAM_SIZE)]).unwrap());
-        netdrv::negotiate(&mut conn, !0).unwrap();
-        assert!(conn.version_1() && conn.event_idx());
-        conn.set_mem_table(&ram).unwrap();
-        let shared = log.then(|| {
-            let l = SharedLog::new(RAM_SIZE).unwrap();
-            conn.set_log_base(l.dirty_log_region()).unwrap();
-            conn.set_log_all(true).unwrap();
-            l
-        });
-        let (mut rx, mut tx) = (Vec::new(), Vec::new());
-        for p in 0..pairs {
-            let r = RxQueue::new(
-                ram.clone(),
-                rx_layout(p),
-                rx_bufs(p),
-                BUF_LEN,
-                RX_BUFS,
-                conn.event_idx(),
-            )
-            .unwrap();
-            let t = TxQueue::new(
-                ram.clone(),
-                tx_layout(p),
-                tx_slots(p),
-                SLOT_LEN,
-                conn.event_idx(),
-            )
-            .unwrap();
-            conn.start_queue(2 * p as usize, r.queue()).unwrap();
-            conn.start_queue(2 * p as usize + 1, t.queue()).unwrap();
-            rx.push(r);
-            tx.push(t);
-        }
-        for r in &mut rx {
-            r.post_all().unwrap();
-        }
-        (Guest { ram, conn, rx, tx }, shared)
-    }
-}
-
-/// The test's end of the socket port: a datagram socket the daemon sends to.
-struct Wire {
-    sock: UnixDatagram,
-    port: PathBuf,
-}
-
-impl Wire {
-    fn new(peer: &Path, port: &Path) -> Wire {
-        let sock = UnixDatagram::bind(peer).unwrap();
-        sock.set_read_timeout(Some(T)).unwrap();
-        sock.set_write_timeout(Some(T)).unwrap();
-        Wire {
-            sock,
-            port: port.to_owned(),
-        }
-    }
-    fn inject(&self, f: &[u8]) {
-        self.sock.send_to(f, &self.port).unwrap();
-    }
-    fn take(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; 70000];
-        let n = self.sock.recv(&mut buf).expect("a frame from the daemon");
-        buf.truncate(n);
-        buf
-    }
-}
-
-struct InProc {
-    dev: NetDevice,
-    daemon: InProcessDaemon<vhost_dirtylog::log::GuestDirtyBitmap>,
-    wires: Vec<Wire>,
-    _dir: DaemonDir,
-}
-
-fn in_process(pairs: u16) -> InProc {
-    let dir = DaemonDir::new("net-test");
-    let mut ports: Vec<Arc<dyn Port>> = Vec::new();
-    let mut wires = Vec::new();
-    for p in 0..usize::from(pairs) {
-        let port = dir.dir.path().join(format!("port{p}"));
-        let peer = dir.dir.path().join(format!("peer{p}"));
-        ports.push(Arc::new(SocketPort::bind(&port, Some(&peer)).unwrap()));
-        wires.push(Wire::new(&peer, &port));
-    }
-    let config = NetConfig {
-        queue_pairs: pairs,
-        ..Default::default()
-    };
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = NetDevice::into_backend(config, ports, mem.clone()).unwrap();
-    let dev = backend.inner().clone();
-    let d2 = dev.clone();
-    let daemon = InProcessDaemon::serve_with(backend, mem, &dir.sock, |d| d2.attach(d).unwrap());
-    InProc {
-        dev,
-        daemon,
-        wires,
-        _dir: dir,
-    }
-}
 
 fn logged(log: &SharedLog) -> BTreeSet<u64> {
     set_pages(log).collect()

@@ -28,6 +28,8 @@
 #[cfg(feature = "blk")]
 pub mod blk;
 mod daemon;
+#[cfg(feature = "net")]
+pub mod net;
 mod null;
 mod pages;
 
