@@ -241,7 +241,7 @@ impl Target<'_> {
             Connection::connect(&opts.socket, opts.timeout).map_err(|e| proto("reconnect", e))?;
         conn.set_timeout(Some(opts.timeout))
             .map_err(|e| CheckError::Setup(format!("watchdog: {e}")))?;
-        negotiate(&mut conn, opts.reply_ack)
+        negotiate(&mut conn, opts.device, opts.reply_ack)
             .map_err(|e| proto("reconnect: feature negotiation", e))?;
         conn.set_mem_table(&self.shared.ram)
             .map_err(|e| proto("reconnect: SET_MEM_TABLE", e))?;

@@ -124,6 +124,7 @@ mod dest;
 mod error;
 mod fault;
 mod layout;
+mod netq;
 mod options;
 mod pattern;
 mod plan;
@@ -131,15 +132,19 @@ mod pool;
 mod report;
 mod rig;
 mod session;
+mod traffic;
 mod worker;
 
-pub use bench::{bench, BenchOptions, BenchPhase, BenchReport};
+pub use bench::{bench, bench_net, BenchOptions, BenchPhase, BenchReport, NetBenchReport, NetBenchSize};
 pub use dest::VmmStats;
 pub use error::{
     CheckError, EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL, EXIT_UNSUPPORTED, EXIT_USAGE,
 };
 pub use layout::{default_layout, parse_layout, parse_size};
-pub use options::{CheckOptions, Fault, SyncMode, VmmStyle, Workload};
+pub use options::{
+    parse_frame_range, CheckOptions, Device, Fault, NetOptions, SyncMode, Traffic, VmmStyle,
+    Workload,
+};
 pub use pattern::write_image;
-pub use report::{group, BackendInfo, FaultRecord, LostPage, Report, StopStats};
+pub use report::{group, BackendInfo, FaultRecord, LostPage, NetStats, Report, StopStats};
 pub use session::run;
