@@ -31,7 +31,7 @@ use super::error::CheckError;
 use super::options::NetOptions;
 use super::pattern::{self, Rng};
 use super::rig::Shared;
-use super::traffic::{self, PortStats, DIR_RX, DIR_TX};
+use super::traffic::{self, Origin, Parsed, PortStats, DIR_RX, DIR_TX};
 use super::worker::{queue_err, QueueWork, WorkerStats, MAX_SAMPLES};
 use crate::driver::{Buf, DriverError, GuestRam, SplitQueue, UsedElem};
 use crate::log::LOG_PAGE_SHIFT;
@@ -49,6 +49,8 @@ pub(super) struct NetRingCfg {
     /// Bytes per data slot.
     pub slot: u64,
     pub salt: u64,
+    /// Whose frames are this run's.
+    pub origin: Origin,
     pub seed: u64,
     /// Frames come from the checker: check their contents and sequence numbers.
     pub verify: bool,
@@ -245,14 +247,17 @@ impl RxWork {
                     .read(g + skip, &mut self.buf[at..])
                     .map_err(|e| queue_err(idx, e))?;
             }
-            match traffic::parse_frame(&self.buf, DIR_RX, self.cfg.pair(), self.cfg.salt) {
-                Ok(seq) if seq >= self.next_seq => {
+            match traffic::parse_frame(&self.buf, DIR_RX, self.cfg.pair(), self.cfg.origin) {
+                Parsed::Foreign => {
+                    self.stats.rx_foreign.fetch_add(1, Ordering::Relaxed);
+                }
+                Parsed::Seq(seq) if seq >= self.next_seq => {
                     if seq > self.next_seq {
                         self.stats.rx_seq_gaps.fetch_add(1, Ordering::Relaxed);
                     }
                     self.next_seq = seq + 1;
                 }
-                Ok(seq) => {
+                Parsed::Seq(seq) => {
                     self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
                     let s = format!(
                         "queue {idx}: frame {seq} received after frame {} (duplicate or reordered)",
@@ -260,7 +265,7 @@ impl RxWork {
                     );
                     self.push_sample(s);
                 }
-                Err(e) => {
+                Parsed::Bad(e) => {
                     self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
                     let s = format!(
                         "queue {idx}: frame in {n} buffer(s) at GPA {:#x}: {e}",
@@ -472,7 +477,7 @@ impl QueueWork for TxWork {
                 self.cfg.pair(),
                 self.seq,
                 len,
-                self.cfg.salt,
+                self.cfg.origin,
             );
             let gpa = self.base + u64::from(slot) * u64::from(self.slot_len);
             let hdr = [0u8; NET_HDR_SIZE];

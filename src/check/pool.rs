@@ -18,7 +18,7 @@ use super::options::{CheckOptions, Device, Workload};
 use super::pattern::BLOCK;
 use super::plan::TX_SLOT;
 use super::rig::{Rig, Ring};
-use super::traffic::Injectors;
+use super::traffic::{Injectors, Origin};
 use super::worker::{Cmd, Runner, Worker, WorkerCfg, WorkerFinal, WorkerStats};
 
 /// What a worker thread returns.
@@ -51,8 +51,9 @@ impl Workers {
             stats: Vec::new(),
             injectors: None,
         };
+        let origin = Origin::new(s.salt);
         if opts.device == Device::Net {
-            w.injectors = Injectors::start(&opts.net, s.pairs, s.salt, opts.seed)?;
+            w.injectors = Injectors::start(&opts.net, s.pairs, origin, opts.seed)?;
         }
         let pairs = usize::from(s.pairs.max(1));
         for (i, ring) in std::mem::take(&mut s.queues).into_iter().enumerate() {
@@ -97,6 +98,7 @@ impl Workers {
                         net,
                         slot: s.plan.slot,
                         salt: s.salt,
+                        origin,
                         seed: opts.seed,
                         verify: verify && w.injectors.is_some(),
                         track,

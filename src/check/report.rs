@@ -63,6 +63,8 @@ pub struct NetStats {
     /// Gaps in the received sequence numbers (frames dropped between the injector and the
     /// guest, e.g. by a full port: not an error).
     pub rx_seq_gaps: u64,
+    /// Frames of an earlier run still queued in the backend's port (counted, not checked).
+    pub rx_foreign: u64,
     /// RX frames per second.
     pub rx_fps: f64,
     /// Frames the checker's guest sent through the TX queues (completed).
@@ -372,12 +374,17 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "  frames     RX {} ({} MiB, {} buffers, {} spread over several, {} sequence gaps) in {:.2} s: {} frames/s; TX {} sent by the guest",
+                "  frames     RX {} ({} MiB, {} buffers, {} spread over several, {} sequence gaps{}) in {:.2} s: {} frames/s; TX {} sent by the guest",
                 group(n.rx_frames),
                 n.rx_bytes >> 20,
                 group(n.rx_buffers),
                 group(n.rx_merged),
                 group(n.rx_seq_gaps),
+                if n.rx_foreign > 0 {
+                    format!(", {} left from an earlier run", group(n.rx_foreign))
+                } else {
+                    String::new()
+                },
                 self.elapsed_s,
                 group(n.rx_fps as u64),
                 group(n.tx_frames)

@@ -29,7 +29,7 @@ use crate::vmm::{LogFlip, SharedLog};
 pub fn run(opts: &CheckOptions) -> Result<Report, CheckError> {
     let slot = slot_size(opts.max_io);
     let mut s = Rig::new(opts, slot)?;
-    if opts.prepare.unwrap_or(!s.backend.read_only) {
+    if opts.device == Device::Blk && opts.prepare.unwrap_or(!s.backend.read_only) {
         s.prepare(opts)?;
     }
     let gpa_end = s.shared.ram.gpa_end();
@@ -254,8 +254,8 @@ impl Run<'_> {
     }
 
     /// The net counters summed over the RX rings (even indices) and TX rings: `[rx frames,
-    /// rx bytes, rx buffers, merged, gaps, tx frames]`.
-    fn net_counters(&self) -> [u64; 6] {
+    /// rx bytes, rx buffers, merged, gaps, tx frames, foreign]`.
+    fn net_counters(&self) -> [u64; 7] {
         let w = &self.workers;
         let rx = |i: usize| i % 2 == 0;
         [
@@ -265,12 +265,13 @@ impl Run<'_> {
             w.sum_where(rx, |s| &s.rx_merged),
             w.sum_where(rx, |s| &s.rx_seq_gaps),
             w.sum_where(|i| i % 2 == 1, |s| &s.tx_frames),
+            w.sum_where(rx, |s| &s.rx_foreign),
         ]
     }
 
     /// The net figures of the run (`None` for blk): counters since `before`, over `elapsed`
     /// seconds.
-    fn net_stats(&self, before: &[u64; 6], elapsed: f64) -> Option<NetStats> {
+    fn net_stats(&self, before: &[u64; 7], elapsed: f64) -> Option<NetStats> {
         if self.opts.device != Device::Net {
             return None;
         }
@@ -289,6 +290,7 @@ impl Run<'_> {
             rx_seq_gaps: d[4],
             rx_fps: d[0] as f64 / elapsed,
             tx_frames: d[5],
+            rx_foreign: d[6],
             injected: port(|p| &p.sent),
             port_full: port(|p| &p.full),
             tx_at_port: port(|p| &p.tx_seen),

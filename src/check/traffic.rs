@@ -11,8 +11,11 @@
 //! 14..16  direction        0 = injected towards the guest (RX), 1 = sent by the guest (TX)
 //! 16..18  queue pair
 //! 18..22  frame length     bytes, the whole frame
-//! 22..30  sequence number  per pair and direction, from 0
-//! 30..    payload          bytes of a SplitMix64 stream seeded by (salt, direction, pair, seq)
+//! 22..26  run nonce        random per run: frames of an earlier run still queued in the
+//!                          backend's port are told apart (counted as foreign, not checked)
+//! 26..34  sequence number  per pair and direction, from 0
+//! 34..    payload          bytes of a SplitMix64 stream seeded by (salt, nonce, direction,
+//!                          pair, seq)
 //! ```
 //!
 //! ## Injector
@@ -41,14 +44,32 @@ use super::pattern::{splitmix64, Rng};
 /// EtherType of the checker's frames (IEEE 802 local experimental 1).
 pub(super) const ETHERTYPE: u16 = 0x88b5;
 /// Bytes of the frame header described in the module docs.
-pub(super) const FRAME_HDR: usize = 30;
+pub(super) const FRAME_HDR: usize = 34;
 /// Direction field: injected towards the guest.
 pub(super) const DIR_RX: u16 = 0;
 /// Direction field: sent by the guest.
 pub(super) const DIR_TX: u16 = 1;
 
+/// Who made a frame: the run's salt (from `--seed`) and nonce (random per run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Origin {
+    pub salt: u64,
+    pub nonce: u32,
+}
+
+impl Origin {
+    /// The origin of this run's frames for `salt`, with a fresh nonce.
+    pub fn new(salt: u64) -> Origin {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let nonce = splitmix64(t ^ u64::from(std::process::id()) << 32) as u32;
+        Origin { salt, nonce }
+    }
+}
+
 /// Writes the frame `(dir, pair, seq)` of `len` bytes (at least [`FRAME_HDR`]) into `buf`.
-pub(super) fn make_frame(buf: &mut Vec<u8>, dir: u16, pair: u16, seq: u64, len: usize, salt: u64) {
+pub(super) fn make_frame(buf: &mut Vec<u8>, dir: u16, pair: u16, seq: u64, len: usize, o: Origin) {
     buf.clear();
     buf.extend_from_slice(&[0xff; 6]);
     buf.extend_from_slice(&[0x02, 0x76, 0x64, 0x6c, dir as u8, pair as u8]);
@@ -56,8 +77,9 @@ pub(super) fn make_frame(buf: &mut Vec<u8>, dir: u16, pair: u16, seq: u64, len: 
     buf.extend_from_slice(&dir.to_le_bytes());
     buf.extend_from_slice(&pair.to_le_bytes());
     buf.extend_from_slice(&(len as u32).to_le_bytes());
+    buf.extend_from_slice(&o.nonce.to_le_bytes());
     buf.extend_from_slice(&seq.to_le_bytes());
-    let mut x = stream_seed(salt, dir, pair, seq);
+    let mut x = stream_seed(o, dir, pair, seq);
     while buf.len() < len {
         x = splitmix64(x);
         let n = (len - buf.len()).min(8);
@@ -66,16 +88,35 @@ pub(super) fn make_frame(buf: &mut Vec<u8>, dir: u16, pair: u16, seq: u64, len: 
     buf.truncate(len.max(FRAME_HDR));
 }
 
-fn stream_seed(salt: u64, dir: u16, pair: u16, seq: u64) -> u64 {
-    salt ^ seq.rotate_left(17) ^ (u64::from(dir) << 62) ^ (u64::from(pair) << 48)
+fn stream_seed(o: Origin, dir: u16, pair: u16, seq: u64) -> u64 {
+    o.salt
+        ^ seq.rotate_left(17)
+        ^ u64::from(o.nonce) << 20
+        ^ (u64::from(dir) << 62)
+        ^ (u64::from(pair) << 48)
 }
 
-/// What [`parse_frame`] found wrong with a frame.
-pub(super) type FrameError = String;
+/// What [`parse_frame`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Parsed {
+    /// An intact frame of this run, with its sequence number.
+    Seq(u64),
+    /// A checker frame of another run (still queued in the port): not checked.
+    Foreign,
+    /// Damaged: what is wrong.
+    Bad(String),
+}
 
-/// Checks `f` is an intact frame of direction `dir` and pair `pair`; returns its sequence
-/// number.
-pub(super) fn parse_frame(f: &[u8], dir: u16, pair: u16, salt: u64) -> Result<u64, FrameError> {
+/// Checks `f` is an intact frame of `o`'s run, direction `dir` and pair `pair`.
+pub(super) fn parse_frame(f: &[u8], dir: u16, pair: u16, o: Origin) -> Parsed {
+    match parse_inner(f, dir, pair, o) {
+        Ok(Some(seq)) => Parsed::Seq(seq),
+        Ok(None) => Parsed::Foreign,
+        Err(e) => Parsed::Bad(e),
+    }
+}
+
+fn parse_inner(f: &[u8], dir: u16, pair: u16, o: Origin) -> Result<Option<u64>, String> {
     if f.len() < FRAME_HDR {
         return Err(format!("a {}-byte frame, shorter than its header", f.len()));
     }
@@ -88,7 +129,11 @@ pub(super) fn parse_frame(f: &[u8], dir: u16, pair: u16, salt: u64) -> Result<u6
     }
     let (d, p) = (u16le(14), u16le(16));
     let len = u32::from_le_bytes([f[18], f[19], f[20], f[21]]) as usize;
-    let seq = u64::from_le_bytes(f[22..30].try_into().unwrap_or([0; 8]));
+    let nonce = u32::from_le_bytes([f[22], f[23], f[24], f[25]]);
+    let seq = u64::from_le_bytes(f[26..34].try_into().unwrap_or([0; 8]));
+    if nonce != o.nonce {
+        return Ok(None);
+    }
     if d != dir || p != pair {
         return Err(format!(
             "frame {seq} of direction {d} pair {p} arrived on pair {pair} direction {dir}"
@@ -100,7 +145,7 @@ pub(super) fn parse_frame(f: &[u8], dir: u16, pair: u16, salt: u64) -> Result<u6
             f.len()
         ));
     }
-    let mut x = stream_seed(salt, dir, pair, seq);
+    let mut x = stream_seed(o, dir, pair, seq);
     for (k, chunk) in f[FRAME_HDR..].chunks(8).enumerate() {
         x = splitmix64(x);
         if chunk != &x.to_le_bytes()[..chunk.len()] {
@@ -110,7 +155,7 @@ pub(super) fn parse_frame(f: &[u8], dir: u16, pair: u16, salt: u64) -> Result<u6
             ));
         }
     }
-    Ok(seq)
+    Ok(Some(seq))
 }
 
 /// The path of pair `pair`'s socket port when pair 0's is `base` (`base`, `base.1`, ...), as
@@ -158,7 +203,7 @@ struct Inject {
     to: PathBuf,
     rate: u64,
     sizes: (u32, u32),
-    salt: u64,
+    origin: Origin,
     seed: u64,
     stats: Arc<PortStats>,
     stop: Arc<AtomicBool>,
@@ -169,7 +214,7 @@ impl Injectors {
     pub fn start(
         net: &NetOptions,
         pairs: u16,
-        salt: u64,
+        origin: Origin,
         seed: u64,
     ) -> Result<Option<Injectors>, CheckError> {
         let Traffic::Socket(base) = &net.traffic else {
@@ -204,7 +249,7 @@ impl Injectors {
                 to: pair_path(base, usize::from(pair)),
                 rate: net.rate,
                 sizes: (net.frame_min, net.frame_max),
-                salt,
+                origin,
                 seed,
                 stats: stats.clone(),
                 stop: stop.clone(),
@@ -263,12 +308,13 @@ impl Inject {
                 match self.sock.recv(&mut rbuf) {
                     Ok(n) => {
                         got += 1;
-                        match parse_frame(&rbuf[..n], DIR_TX, self.pair, self.salt) {
-                            Ok(s) if s >= tx_next => {
+                        match parse_frame(&rbuf[..n], DIR_TX, self.pair, self.origin) {
+                            Parsed::Seq(s) if s >= tx_next => {
                                 tx_next = s + 1;
                                 self.stats.tx_seen.fetch_add(1, Ordering::Relaxed);
                             }
-                            Ok(s) => {
+                            Parsed::Foreign => {}
+                            Parsed::Seq(s) => {
                                 self.stats.tx_bad.fetch_add(1, Ordering::Relaxed);
                                 sample.get_or_insert_with(|| {
                                     format!(
@@ -278,7 +324,7 @@ impl Inject {
                                     )
                                 });
                             }
-                            Err(e) => {
+                            Parsed::Bad(e) => {
                                 self.stats.tx_bad.fetch_add(1, Ordering::Relaxed);
                                 sample.get_or_insert_with(|| {
                                     format!("pair {}: from the port: {e}", self.pair)
@@ -299,7 +345,7 @@ impl Inject {
             while seq < due && burst < 64 {
                 if !pending {
                     let len = rng.range(u64::from(self.sizes.0), u64::from(self.sizes.1));
-                    make_frame(&mut frame, DIR_RX, self.pair, seq, len as usize, self.salt);
+                    make_frame(&mut frame, DIR_RX, self.pair, seq, len as usize, self.origin);
                     pending = true;
                 }
                 match self.sock.send_to(&frame, &self.to) {
@@ -320,7 +366,7 @@ impl Inject {
                     }
                 }
             }
-            if burst < 64 || self.rate != 0 {
+            if got == 0 && (burst < 64 || self.rate != 0) {
                 // The port is full, or the rate is met: let the backend and the guest run.
                 std::thread::sleep(Duration::from_micros(if self.rate == 0 { 20 } else { 200 }));
             }
@@ -335,28 +381,34 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_damage_is_named() {
+        let o = Origin { salt: 9, nonce: 5 };
         let mut f = Vec::new();
-        for len in [30usize, 60, 61, 1514] {
-            make_frame(&mut f, DIR_RX, 3, 77, len, 9);
+        for len in [34usize, 60, 61, 1514] {
+            make_frame(&mut f, DIR_RX, 3, 77, len, o);
             assert_eq!(f.len(), len);
-            assert_eq!(parse_frame(&f, DIR_RX, 3, 9), Ok(77));
+            assert_eq!(parse_frame(&f, DIR_RX, 3, o), Parsed::Seq(77));
         }
-        assert!(parse_frame(&f, DIR_TX, 3, 9).unwrap_err().contains("direction"));
-        assert!(parse_frame(&f[..100], DIR_RX, 3, 9)
-            .unwrap_err()
-            .contains("header says 1514"));
+        let bad = |p: Parsed| match p {
+            Parsed::Bad(e) => e,
+            p => panic!("{p:?}"),
+        };
+        assert!(bad(parse_frame(&f, DIR_TX, 3, o)).contains("direction"));
+        assert!(bad(parse_frame(&f[..100], DIR_RX, 3, o)).contains("header says 1514"));
         let mut g = f.clone();
         g[700] ^= 1;
-        assert!(parse_frame(&g, DIR_RX, 3, 9)
-            .unwrap_err()
-            .contains("byte 694"));
-        // Another salt (another run) is not the same frame.
-        assert!(parse_frame(&f, DIR_RX, 3, 10).is_err());
-        assert!(parse_frame(&f[..10], DIR_RX, 3, 9).is_err());
+        assert!(bad(parse_frame(&g, DIR_RX, 3, o)).contains("byte 698"));
+        // Another salt (another seed) is damage; another nonce (another run) is foreign.
+        assert!(matches!(
+            parse_frame(&f, DIR_RX, 3, Origin { salt: 10, nonce: 5 }),
+            Parsed::Bad(_)
+        ));
         assert_eq!(
-            pair_path(Path::new("/x/p"), 2),
-            PathBuf::from("/x/p.2")
+            parse_frame(&f, DIR_RX, 3, Origin { salt: 9, nonce: 6 }),
+            Parsed::Foreign
         );
+        assert!(matches!(parse_frame(&f[..10], DIR_RX, 3, o), Parsed::Bad(_)));
+        assert_eq!(pair_path(Path::new("/x/p"), 2), PathBuf::from("/x/p.2"));
         assert_eq!(pair_path(Path::new("/x/p"), 0), PathBuf::from("/x/p"));
+        assert_ne!(Origin::new(1).nonce, 0);
     }
 }

@@ -49,6 +49,8 @@ pub(super) struct WorkerStats {
     pub rx_merged: AtomicU64,
     /// net: gaps in the sequence numbers of received frames (frames dropped on the way).
     pub rx_seq_gaps: AtomicU64,
+    /// net: frames of an earlier run (still queued in the backend's port), not checked.
+    pub rx_foreign: AtomicU64,
     /// net: frames sent through the TX queue (completed).
     pub tx_frames: AtomicU64,
 }
