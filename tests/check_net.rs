@@ -67,7 +67,10 @@ fn assert_clean(r: &Report, what: &str) {
     println!("{what}:\n{}", r.summary());
     assert_eq!(r.lost_pages, 0, "{what}: lost pages: {:?}", r.lost_samples);
     assert_eq!(r.data_errors, 0, "{what}: {:?}", r.samples);
-    assert_eq!(r.stop.inflight_at_stop, 0, "{what}: the stop did not quiesce");
+    assert_eq!(
+        r.stop.inflight_at_stop, 0,
+        "{what}: the stop did not quiesce"
+    );
     assert_eq!(r.stop.processed_after_stop, 0, "{what}");
     assert!(r.stop.error.is_none(), "{what}: {:?}", r.stop.error);
     assert_eq!(r.exit_code, EXIT_OK, "{what}: {}", r.verdict);
@@ -76,8 +79,16 @@ fn assert_clean(r: &Report, what: &str) {
     // device wrote many pages under logging, over many rounds.
     assert_eq!(n.pairs, 2, "{what}");
     assert!(n.rx_frames >= 2000, "{what}: only {} frames", n.rx_frames);
-    assert!(n.rx_merged >= 100, "{what}: only {} merged frames", n.rx_merged);
-    assert!(n.tx_frames >= 1000, "{what}: only {} TX frames", n.tx_frames);
+    assert!(
+        n.rx_merged >= 100,
+        "{what}: only {} merged frames",
+        n.rx_merged
+    );
+    assert!(
+        n.tx_frames >= 1000,
+        "{what}: only {} TX frames",
+        n.tx_frames
+    );
     assert!(n.tx_at_port > 0, "{what}: no TX frame left the port");
     assert!(
         r.device_pages_written >= 500,
@@ -236,7 +247,14 @@ fn net_check_command_line() {
     let (d, port) = daemon(false);
     let out = Command::new(CHECKER)
         .args(["--device", "net", "--json", "--queues", "2", "--mem", "24M"])
-        .args(["--duration", "500ms", "--rate", "4000", "--queue-size", "128"])
+        .args([
+            "--duration",
+            "500ms",
+            "--rate",
+            "4000",
+            "--queue-size",
+            "128",
+        ])
         .arg("--traffic")
         .arg(format!("socket:{}", port.display()))
         .arg(&d.env.sock)
@@ -280,4 +298,33 @@ fn net_check_command_line() {
             .unwrap();
         assert_eq!(out.status.code(), Some(EXIT_USAGE), "{bad:?}");
     }
+}
+
+/// `--bench` for net: 64-byte and 1,500-byte frames, logging off and on, ratios printed.
+#[test]
+fn net_bench_reports_both_sizes() {
+    let (d, port) = daemon(false);
+    let o = opts(&d.env.sock, &port);
+    let b = check::BenchOptions {
+        phase: Duration::from_millis(40),
+        phases: 8,
+        warmup: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let r = check::bench_net(&o, &b).unwrap();
+    println!("{}", r.summary());
+    assert_eq!(r.pairs, 2);
+    let sizes: Vec<u32> = r.sizes.iter().map(|z| z.frame).collect();
+    assert_eq!(sizes, [64, 1500]);
+    for z in &r.sizes {
+        assert!(z.fps_off > 0.0 && z.fps_on > 0.0, "{z:?}");
+        assert!((z.ratio - z.fps_on / z.fps_off).abs() < 1e-9);
+        assert_eq!(z.phases.len(), 8);
+        assert!(z.pages_marked > 0, "logging on marked nothing: {z:?}");
+        assert!(z.rmws_per_frame.is_none());
+    }
+    // 1,500-byte frames do not fit one 1,024-byte buffer: all are merged; 64-byte ones none.
+    assert!(r.sizes[1].merged_pct > 99.0, "{:?}", r.sizes[1]);
+    assert!(r.sizes[0].merged_pct < 1.0);
+    assert!(r.summary().contains("on/off"));
 }

@@ -15,6 +15,7 @@
 //! the log every round interval, as it would while migrating, so the backend also pays for
 //! marking bits that were just cleared.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::{vmm_err, CheckError};
@@ -23,6 +24,18 @@ use super::plan::slot_size;
 use super::pool::Workers;
 use super::rig::Rig;
 use crate::vmm::{MigrationBitmap, SharedLog};
+
+/// A running total of the atomic read-modify-write operations a backend issued on its dirty
+/// log (e.g. the sum of its workers' batch counters), for a benchmark run against a backend
+/// in the same process; the checker cannot see it over the socket.
+#[derive(Clone)]
+pub struct RmwCounter(pub Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for RmwCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RmwCounter")
+    }
+}
 
 /// Settings of a benchmark.
 #[derive(Debug, Clone)]
@@ -33,6 +46,9 @@ pub struct BenchOptions {
     pub phases: u32,
     /// Warm-up before the first phase.
     pub warmup: Duration,
+    /// net: the backend's log RMW counter, if it is in this process: the report then gives
+    /// atomic RMWs per frame with logging on ([`NetBenchSize::rmws_per_frame`]).
+    pub rmws: Option<RmwCounter>,
 }
 
 impl Default for BenchOptions {
@@ -41,6 +57,7 @@ impl Default for BenchOptions {
             phase: Duration::from_millis(50),
             phases: 200,
             warmup: Duration::from_secs(1),
+            rmws: None,
         }
     }
 }
@@ -177,6 +194,8 @@ struct Measured {
     n_on: u64,
     marked: u64,
     median_pct: f64,
+    /// RMWs counted by [`BenchOptions::rmws`] during the "on" phases.
+    rmws_on: Option<u64>,
 }
 
 /// Runs `b.phases` (a multiple of 4) phases off, on, on, off, ... of `LOG_ALL`, counting with
@@ -194,10 +213,13 @@ fn measure(
     let mut phases = Vec::new();
     let (mut t_off, mut t_on, mut n_off, mut n_on) = (0f64, 0f64, 0u64, 0u64);
     let mut marked = 0;
+    let rmw = |b: &BenchOptions| b.rmws.as_ref().map(|r| (r.0)());
+    let mut rmws_on = b.rmws.as_ref().map(|_| 0);
     for i in 0..n {
         let on = matches!(i % 4, 1 | 2);
         s.shared.conn().with(|c| c.set_log_all(on))?;
         s.shared.check_abort()?;
+        let r0 = rmw(b);
         let c0 = count(workers);
         let t0 = Instant::now();
         let end = t0 + b.phase;
@@ -214,6 +236,9 @@ fn measure(
         if on {
             t_on += dt;
             n_on += dn;
+            if let (Some(t), Some(a), Some(z)) = (&mut rmws_on, r0, rmw(b)) {
+                *t += z.saturating_sub(a);
+            }
         } else {
             t_off += dt;
             n_off += dn;
@@ -250,6 +275,7 @@ fn measure(
         n_on,
         marked,
         median_pct,
+        rmws_on,
     })
 }
 
@@ -274,6 +300,9 @@ pub struct NetBenchSize {
     pub port_full: u64,
     /// Pages the log reported during the "on" phases.
     pub pages_marked: u64,
+    /// Atomic RMWs on the log per received frame during the "on" phases, if the backend's
+    /// counter was given ([`BenchOptions::rmws`]).
+    pub rmws_per_frame: Option<f64>,
     /// Every phase (`iops` is frames per second).
     pub phases: Vec<BenchPhase>,
 }
@@ -307,7 +336,7 @@ impl NetBenchReport {
                 format!("{} B frames", z.frame)
             };
             out.push_str(&format!(
-                "\n  {frame:>16}: off {:>10.0} frames/s, on {:>10.0} frames/s, on/off {:.3} ({:+.2}% overhead, median {:+.2}% of {} groups); {:.0}% merged, {} pages marked, port full {} times",
+                "\n  {frame:>16}: off {:>10.0} frames/s, on {:>10.0} frames/s, on/off {:.3} ({:+.2}% overhead, median {:+.2}% of {} groups); {:.0}% merged, {} pages marked, port full {} times{}",
                 z.fps_off,
                 z.fps_on,
                 z.ratio,
@@ -316,7 +345,9 @@ impl NetBenchReport {
                 z.phases.len() / 4,
                 z.merged_pct,
                 z.pages_marked,
-                z.port_full
+                z.port_full,
+                z.rmws_per_frame
+                    .map_or(String::new(), |r| format!("; {r:.3} atomic RMWs per frame (on)"))
             ));
         }
         out
@@ -385,6 +416,7 @@ pub fn bench_net(opts: &CheckOptions, b: &BenchOptions) -> Result<NetBenchReport
                 merged_pct: merged as f64 * 100.0 / frames.max(1) as f64,
                 port_full: workers.injectors().map_or(0, |j| j.sum(|p| &p.full)),
                 pages_marked: m.marked,
+                rmws_per_frame: m.rmws_on.map(|r| r as f64 / m.n_on.max(1) as f64),
                 phases: m.phases,
             })
         })();

@@ -204,7 +204,9 @@ impl RxWork {
         }
         // virtio_net_hdr_v1: num_buffers is the last field (bytes 10..12).
         let mut hdr = [0u8; NET_HDR_SIZE];
-        self.ram.read(gpa, &mut hdr).map_err(|e| queue_err(idx, e))?;
+        self.ram
+            .read(gpa, &mut hdr)
+            .map_err(|e| queue_err(idx, e))?;
         let n = u16::from_le_bytes([hdr[10], hdr[11]]);
         if n == 0 || n > self.q.size() {
             return Err(CheckError::Protocol(format!(
@@ -282,7 +284,10 @@ impl RxWork {
                 if l == 0 {
                     continue;
                 }
-                let (p0, p1) = (g >> LOG_PAGE_SHIFT, (g + u64::from(l) - 1) >> LOG_PAGE_SHIFT);
+                let (p0, p1) = (
+                    g >> LOG_PAGE_SHIFT,
+                    (g + u64::from(l) - 1) >> LOG_PAGE_SHIFT,
+                );
                 w.set_range(p0, p1 - p0 + 1);
                 pages += p1 - p0 + 1;
             }

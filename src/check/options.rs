@@ -318,9 +318,7 @@ impl Traffic {
                 "--traffic tap:NAME is not implemented yet (use socket:PATH or none)".into(),
             );
         }
-        Err(format!(
-            "unknown traffic source {s:?} (socket:PATH, none)"
-        ))
+        Err(format!("unknown traffic source {s:?} (socket:PATH, none)"))
     }
 }
 
@@ -370,9 +368,9 @@ pub fn parse_frame_range(s: &str) -> Result<(u32, u32), String> {
     let s = s.trim();
     let (a, b) = s.split_once("..").unwrap_or((s, s));
     let p = |x: &str| {
-        x.trim()
-            .parse::<u32>()
-            .map_err(|_| format!("invalid frame size range {s:?}: expected MIN..MAX, e.g. 60..1514"))
+        x.trim().parse::<u32>().map_err(|_| {
+            format!("invalid frame size range {s:?}: expected MIN..MAX, e.g. 60..1514")
+        })
     };
     let (a, b) = (p(a)?, p(b)?);
     if a > b {

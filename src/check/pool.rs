@@ -87,7 +87,8 @@ impl Workers {
                     };
                     let slots = share(&s.plan.slots, i, nq);
                     let work = Worker::new(cfg, q, slots, s.shared.clone(), stats.clone());
-                    let r = Runner::new(work, s.shared.clone(), rx, opts.timeout, opts.stall_timeout);
+                    let r =
+                        Runner::new(work, s.shared.clone(), rx, opts.timeout, opts.stall_timeout);
                     spawn(format!("check-queue-{i}"), Box::new(move || r.run()))?
                 }
                 Ring::Net(q) => {
@@ -106,10 +107,19 @@ impl Workers {
                     let pair = i / 2;
                     if i % 2 == 0 {
                         let slots = share(&s.plan.slots, pair, pairs);
-                        let port = w.injectors.as_ref().and_then(|j| j.stats.get(pair).cloned());
+                        let port = w
+                            .injectors
+                            .as_ref()
+                            .and_then(|j| j.stats.get(pair).cloned());
                         let work =
                             RxWork::new(cfg, q, slots, s.shared.clone(), stats.clone(), port);
-                        let r = Runner::new(work, s.shared.clone(), rx, opts.timeout, opts.stall_timeout);
+                        let r = Runner::new(
+                            work,
+                            s.shared.clone(),
+                            rx,
+                            opts.timeout,
+                            opts.stall_timeout,
+                        );
                         spawn(format!("check-rx-{pair}"), Box::new(move || r.run()))?
                     } else {
                         let mut cfg = cfg;
@@ -122,7 +132,13 @@ impl Workers {
                             s.shared.clone(),
                             stats.clone(),
                         );
-                        let r = Runner::new(work, s.shared.clone(), rx, opts.timeout, opts.stall_timeout);
+                        let r = Runner::new(
+                            work,
+                            s.shared.clone(),
+                            rx,
+                            opts.timeout,
+                            opts.stall_timeout,
+                        );
                         spawn(format!("check-tx-{pair}"), Box::new(move || r.run()))?
                     }
                 }

@@ -360,7 +360,9 @@ impl Report {
                 } else {
                     ", no mergeable RX buffers"
                 },
-                b.mac.as_ref().map_or(String::new(), |m| format!(", MAC {m}"))
+                b.mac
+                    .as_ref()
+                    .map_or(String::new(), |m| format!(", MAC {m}"))
             );
             let _ = writeln!(
                 s,
@@ -404,19 +406,19 @@ impl Report {
                 );
             }
         } else {
-        let _ = writeln!(
-            s,
-            "  backend    features {}, protocol {}, {} queue(s), disk {}{}",
-            b.features,
-            b.protocol_features,
-            b.queue_num,
-            if b.capacity > 0 {
-                size(b.capacity)
-            } else {
-                "size unknown".into()
-            },
-            if b.read_only { ", read-only" } else { "" }
-        );
+            let _ = writeln!(
+                s,
+                "  backend    features {}, protocol {}, {} queue(s), disk {}{}",
+                b.features,
+                b.protocol_features,
+                b.queue_num,
+                if b.capacity > 0 {
+                    size(b.capacity)
+                } else {
+                    "size unknown".into()
+                },
+                if b.read_only { ", read-only" } else { "" }
+            );
             let _ = writeln!(
             s,
             "  guest      {} in {} region(s), {} queue(s) x {} requests in flight, {} workload over {} of disk",
@@ -504,7 +506,10 @@ impl Report {
                 if self.data_errors == 0 {
                     "every received frame was intact and in order".to_string()
                 } else {
-                    format!("{} frame(s) damaged, duplicated or out of order", self.data_errors)
+                    format!(
+                        "{} frame(s) damaged, duplicated or out of order",
+                        self.data_errors
+                    )
                 }
             );
         } else if self.data_errors == 0 && self.io_errors == 0 {
@@ -536,7 +541,7 @@ impl Report {
                 self.lost_other
             );
         } else {
-        let _ = writeln!(
+            let _ = writeln!(
             s,
             "  compared   {} guest pages byte for byte: {} lost ({} never marked, {} marked too late; {} data, {} status, {} used ring)",
             group(self.ram_pages),

@@ -261,9 +261,7 @@ impl Rig {
             ));
         }
         let cfg = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            let raw = conn
-                .get_config(0, 12)
-                .map_err(|e| proto("GET_CONFIG", e))?;
+            let raw = conn.get_config(0, 12).map_err(|e| proto("GET_CONFIG", e))?;
             Some(NetConfigInfo::parse(&raw))
         } else {
             None
@@ -343,7 +341,9 @@ impl Rig {
             }),
             ..BackendInfo::default()
         };
-        Self::assemble(opts, conn, ram, kvm, plan, queues, backend, 1, pairs, rx_buf)
+        Self::assemble(
+            opts, conn, ram, kvm, plan, queues, backend, 1, pairs, rx_buf,
+        )
     }
 
     /// Guest RAM for `plan` with the emulated hypervisor log of the guest's own writes, handed
@@ -553,7 +553,9 @@ impl Rig {
         let chunk = s.max_req.min(128 << 10);
         let ram = s.shared.ram.clone();
         let Some(Ring::Blk(q)) = s.queues.first_mut() else {
-            return Err(CheckError::Invalid("no blk queue to prepare the disk with".into()));
+            return Err(CheckError::Invalid(
+                "no blk queue to prepare the disk with".into(),
+            ));
         };
         let depth = s.depth.min(s.plan.slots.len() / s.max_segs).max(1);
         let mut free: Vec<usize> = (0..depth).collect();

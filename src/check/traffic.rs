@@ -345,7 +345,14 @@ impl Inject {
             while seq < due && burst < 64 {
                 if !pending {
                     let len = rng.range(u64::from(self.sizes.0), u64::from(self.sizes.1));
-                    make_frame(&mut frame, DIR_RX, self.pair, seq, len as usize, self.origin);
+                    make_frame(
+                        &mut frame,
+                        DIR_RX,
+                        self.pair,
+                        seq,
+                        len as usize,
+                        self.origin,
+                    );
                     pending = true;
                 }
                 match self.sock.send_to(&frame, &self.to) {
@@ -406,7 +413,10 @@ mod tests {
             parse_frame(&f, DIR_RX, 3, Origin { salt: 9, nonce: 6 }),
             Parsed::Foreign
         );
-        assert!(matches!(parse_frame(&f[..10], DIR_RX, 3, o), Parsed::Bad(_)));
+        assert!(matches!(
+            parse_frame(&f[..10], DIR_RX, 3, o),
+            Parsed::Bad(_)
+        ));
         assert_eq!(pair_path(Path::new("/x/p"), 2), PathBuf::from("/x/p.2"));
         assert_eq!(pair_path(Path::new("/x/p"), 0), PathBuf::from("/x/p"));
         assert_ne!(Origin::new(1).nonce, 0);
