@@ -390,7 +390,7 @@ pub fn bench_net(opts: &CheckOptions, b: &BenchOptions) -> Result<NetBenchReport
             s.shared.conn().with(|c| c.set_log_base(region))?;
         }
         let mut workers = Workers::spawn(&mut s, &o, 8, false, false)?;
-        let rx = |i: usize| i % 2 == 0;
+        let rx = |i: usize| i.is_multiple_of(2);
         let res = (|| -> Result<NetBenchSize, CheckError> {
             std::thread::sleep(b.warmup);
             let m0 = workers.sum_where(rx, |s| &s.rx_merged);

@@ -548,7 +548,7 @@ impl CheckOptions {
             if n.frame_min < 60 || n.frame_max > 9216 || n.frame_min > n.frame_max {
                 return bad("--frame-size must lie within 60..9216 bytes, MIN <= MAX");
             }
-            if n.rx_buf < 64 || n.rx_buf > 8192 || n.rx_buf % 8 != 0 {
+            if n.rx_buf < 64 || n.rx_buf > 8192 || !n.rx_buf.is_multiple_of(8) {
                 return bad("--rx-buf-size must be a multiple of 8 in 64..8192 bytes");
             }
         }

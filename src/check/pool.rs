@@ -105,7 +105,7 @@ impl Workers {
                         track,
                     };
                     let pair = i / 2;
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         let slots = share(&s.plan.slots, pair, pairs);
                         let port = w
                             .injectors

@@ -257,7 +257,7 @@ impl Run<'_> {
     /// rx bytes, rx buffers, merged, gaps, tx frames, foreign]`.
     fn net_counters(&self) -> [u64; 7] {
         let w = &self.workers;
-        let rx = |i: usize| i % 2 == 0;
+        let rx = |i: usize| i.is_multiple_of(2);
         [
             w.sum_where(rx, |s| &s.rx_frames),
             w.sum_where(rx, |s| &s.rx_bytes),
