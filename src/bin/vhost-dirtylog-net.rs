@@ -19,7 +19,7 @@ use vhost_dirtylog::daemon::socket::{self, SocketAccess};
 use vhost_dirtylog::net::daemon::NetServer;
 use vhost_dirtylog::net::port::pair_path;
 use vhost_dirtylog::net::{
-    NetConfig, Port, SocketPort, DEFAULT_MAC, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
+    NetConfig, Port, SocketPort, TapPort, DEFAULT_MAC, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE,
 };
 use vhost_dirtylog::virtio_net::parse_mac;
 
@@ -73,7 +73,9 @@ struct Args {
     #[arg(long, value_name = "PEER", requires = "socket_port")]
     socket_peer: Option<PathBuf>,
 
-    /// Packet port: a TAP interface (not implemented yet).
+    /// Packet port: the TAP interface NAME (attached to if it exists, else created), with a
+    /// virtio-net header (checksum / TSO offloads pass through) and one queue per queue pair
+    /// (IFF_MULTI_QUEUE). Needs CAP_NET_ADMIN.
     #[arg(long, value_name = "NAME", conflicts_with = "socket_port")]
     tap: Option<String>,
 
@@ -151,9 +153,6 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    if args.tap.is_some() {
-        return Err("--tap is not implemented yet; use --socket-port".into());
-    }
     let mac = match &args.mac {
         Some(s) => parse_mac(s).ok_or_else(|| format!("--mac {s}: not XX:XX:XX:XX:XX:XX"))?,
         None => DEFAULT_MAC,
@@ -197,27 +196,36 @@ fn run(args: Args) -> Result<(), String> {
         _ => return Err("exactly one of --socket-path PATH or --fd FD is required".into()),
     };
 
-    let base = args
-        .socket_port
-        .clone()
-        .ok_or("--socket-port PATH is required")?;
     let mut ports: Vec<Arc<dyn Port>> = Vec::new();
     let mut port_paths = Vec::new();
-    for pair in 0..usize::from(config.queue_pairs) {
-        let path = pair_path(&base, pair);
-        let peer = args.socket_peer.as_ref().map(|p| pair_path(p, pair));
-        let port = SocketPort::bind(&path, peer.as_deref())
-            .map_err(|e| format!("socket port {}: {e}", path.display()))?;
-        log::info!(
-            "queue pair {pair}: socket port {}{}",
-            path.display(),
-            match &peer {
-                Some(p) => format!(", sending to {}", p.display()),
-                None => ", sending to the last sender".into(),
-            }
-        );
-        port_paths.push(path);
-        ports.push(Arc::new(port));
+    if let Some(name) = &args.tap {
+        let multi = config.queue_pairs > 1;
+        for pair in 0..usize::from(config.queue_pairs) {
+            let tap = TapPort::open(name, multi).map_err(|e| format!("--tap {name}: {e}"))?;
+            log::info!("queue pair {pair}: TAP {name}");
+            ports.push(Arc::new(tap));
+        }
+    } else {
+        let base = args
+            .socket_port
+            .clone()
+            .ok_or("--socket-port PATH or --tap NAME is required")?;
+        for pair in 0..usize::from(config.queue_pairs) {
+            let path = pair_path(&base, pair);
+            let peer = args.socket_peer.as_ref().map(|p| pair_path(p, pair));
+            let port = SocketPort::bind(&path, peer.as_deref())
+                .map_err(|e| format!("socket port {}: {e}", path.display()))?;
+            log::info!(
+                "queue pair {pair}: socket port {}{}",
+                path.display(),
+                match &peer {
+                    Some(p) => format!(", sending to {}", p.display()),
+                    None => ", sending to the last sender".into(),
+                }
+            );
+            port_paths.push(path);
+            ports.push(Arc::new(port));
+        }
     }
 
     let server = Arc::new(NetServer::new(config, ports).map_err(|e| e.to_string())?);

@@ -80,6 +80,12 @@ impl VhostUserBackend for NetDevice {
 
     fn acked_features(&self, features: u64) {
         self.inner.acked_features.store(features, Ordering::Relaxed);
+        let hdr_len = self.hdr_len();
+        for (i, port) in self.inner.ports.iter().enumerate() {
+            if let Err(e) = port.configure(features, hdr_len) {
+                log::warn!("pair {i}: cannot configure the port for the guest's features: {e}");
+            }
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

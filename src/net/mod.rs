@@ -53,6 +53,7 @@ mod backend;
 pub mod daemon;
 pub mod port;
 mod stats;
+pub mod tap;
 
 use std::io::{Error as IoError, ErrorKind, IoSlice, Result as IoResult};
 use std::num::Wrapping;
@@ -72,6 +73,7 @@ use crate::virtio_net::{NetHdr, ETH_HLEN, MAX_FRAME_LEN, NET_HDR_SIZE};
 
 pub use port::{Port, Sent, SocketPort};
 pub use stats::{PairStats, RateLimit};
+pub use tap::TapPort;
 
 /// Guest memory as the device accesses it.
 pub(crate) type Mem = vm_memory::GuestMemoryMmap<GuestDirtyBitmap>;
@@ -389,6 +391,10 @@ impl NetDevice {
         }
     }
 
+    fn stopped(&self, state: &VringState<DirtyGuestMemory>) -> bool {
+        !state.get_queue().ready() || !state.is_enabled()
+    }
+
     fn port_event(&self) -> u64 {
         2 * u64::from(self.inner.config.queue_pairs) + 1
     }
@@ -416,7 +422,7 @@ impl NetDevice {
         let mut p = lock(p);
         let p = &mut *p;
         let mut state = vring.get_mut();
-        if !state.get_queue().ready() || !state.is_enabled() {
+        if self.stopped(&state) {
             p.backlog = true;
             return;
         }
@@ -483,6 +489,14 @@ impl NetDevice {
     ) -> RxStop {
         p.used.clear();
         p.bad.clear();
+        // A port with a virtio-net header (TAP) reads it in front of the frame, where the
+        // header goes; a plain port reads the frame only and the device writes the header.
+        let vnet = port.vnet_hdr();
+        let (recv_at, extra) = if vnet {
+            (NET_HDR_SIZE - hdr_len, hdr_len)
+        } else {
+            (NET_HDR_SIZE, 0)
+        };
         let q = state.get_queue_mut();
         let mut frames = 0usize;
         let stop = loop {
@@ -492,12 +506,13 @@ impl NetDevice {
             // 1. The next frame: one that waited for buffers, else one from the port.
             let len = match p.pending.take() {
                 Some(l) => l,
-                None => match port.recv(&mut p.rx_buf[NET_HDR_SIZE..]) {
+                None => match port.recv(&mut p.rx_buf[recv_at..]) {
                     Ok(None) => {
                         p.backlog = false;
                         break RxStop::PortEmpty;
                     }
-                    Ok(Some(n)) if n > MAX_FRAME_LEN => {
+                    Ok(Some(n)) if n > extra + MAX_FRAME_LEN => {
+                        let n = n - extra;
                         p.stats.rx_oversized += 1;
                         log::log!(
                             p.rx_rl.level(),
@@ -505,7 +520,8 @@ impl NetDevice {
                         );
                         continue;
                     }
-                    Ok(Some(n)) if n < ETH_HLEN => {
+                    Ok(Some(n)) if n < extra + ETH_HLEN => {
+                        let n = n.saturating_sub(extra);
                         p.stats.rx_runts += 1;
                         log::log!(
                             p.rx_rl.level(),
@@ -513,7 +529,7 @@ impl NetDevice {
                         );
                         continue;
                     }
-                    Ok(Some(n)) => n,
+                    Ok(Some(n)) => n - extra,
                     Err(e) => {
                         p.stats.rx_port_errors += 1;
                         log::log!(p.rx_rl.level(), "pair {pair}: port read failed: {e}");
@@ -582,9 +598,14 @@ impl NetDevice {
             }
             // 3. Header (num_buffers = chains used) and payload, through vm-memory.
             let n = p.chains.len();
-            let hdr = NetHdr::rx(n as u16);
-            p.rx_buf[NET_HDR_SIZE - hdr_len..NET_HDR_SIZE]
-                .copy_from_slice(&hdr.as_slice()[..hdr_len]);
+            if !vnet {
+                let hdr = NetHdr::rx(n as u16);
+                p.rx_buf[NET_HDR_SIZE - hdr_len..NET_HDR_SIZE]
+                    .copy_from_slice(&hdr.as_slice()[..hdr_len]);
+            } else if hdr_len == NET_HDR_SIZE {
+                // The port's header, with our num_buffers (the last two bytes).
+                p.rx_buf[NET_HDR_SIZE - 2..NET_HDR_SIZE].copy_from_slice(&(n as u16).to_le_bytes());
+            }
             let src = &p.rx_buf[NET_HDR_SIZE - hdr_len..NET_HDR_SIZE + len];
             let mut off = 0usize;
             for c in &p.chains {

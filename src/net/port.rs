@@ -43,6 +43,12 @@ pub trait Port: Send + Sync + std::fmt::Debug {
     fn vnet_hdr(&self) -> bool {
         false
     }
+    /// Called when the guest acks its features (`SET_FEATURES`): `acked` virtio features and
+    /// the header size they imply. A TAP sets its header size and offloads from them.
+    fn configure(&self, acked: u64, hdr_len: usize) -> IoResult<()> {
+        let _ = (acked, hdr_len);
+        Ok(())
+    }
 }
 
 /// A unix datagram socket port (see the module docs).
