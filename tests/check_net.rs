@@ -286,7 +286,7 @@ fn net_check_command_line() {
         String::from_utf8_lossy(&out.stdout)
     );
     for bad in [
-        &["--traffic", "tap:t0"][..],
+        &["--traffic", "tap:"][..],
         &["--frame-size", "10..20"][..],
         &["--rx-buf-size", "30"][..],
     ] {

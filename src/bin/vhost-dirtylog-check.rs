@@ -71,7 +71,9 @@ struct Args {
 
     /// net: where frames come from: socket:PATH (the checker sends frames to the backend's
     /// unix datagram socket port PATH, pair k > 0 at PATH.k, and counts the guest's TX frames
-    /// coming back), or none (the backend makes its own traffic, e.g. dpdk-testpmd
+    /// coming back), tap:NAME[@NETNS] (frames sent through an AF_PACKET socket bound to the
+    /// backend's TAP interface NAME, in network namespace NETNS: a name from `ip netns` or a
+    /// path; needs CAP_NET_RAW / root), or none (the backend makes its own traffic, e.g. dpdk-testpmd
     /// --forward-mode=txonly; no TX frames are sent, frame contents are not checked).
     #[arg(long, value_name = "SOURCE", default_value = "none", value_parser = Traffic::parse)]
     traffic: Traffic,
@@ -481,7 +483,17 @@ mod tests {
         assert_eq!(a.device, Device::Net);
         assert_eq!(a.traffic, Traffic::Socket("/p".into()));
         assert_eq!(a.frame_size, (64, 1500));
-        assert!(Args::try_parse_from(["x", "--traffic", "tap:t0", "/s"]).is_err());
+        let a = Args::try_parse_from(["x", "--traffic", "tap:t0@ns1", "/s"]).unwrap();
+        assert_eq!(
+            a.traffic,
+            Traffic::Tap {
+                name: "t0".into(),
+                netns: Some("ns1".into())
+            }
+        );
+        assert_eq!(a.traffic.to_string(), "tap:t0@ns1");
+        assert!(Args::try_parse_from(["x", "--traffic", "tap:", "/s"]).is_err());
+        assert!(Args::try_parse_from(["x", "--traffic", "pcap:x", "/s"]).is_err());
         let e = Args::try_parse_from(["x", "--vmm-style", "kvm", "/s"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidValue);
         let e = Args::try_parse_from(["x", "--workload", "random", "/s"]).unwrap_err();

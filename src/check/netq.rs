@@ -31,7 +31,7 @@ use super::error::CheckError;
 use super::options::NetOptions;
 use super::pattern::{self, Rng};
 use super::rig::Shared;
-use super::traffic::{self, Origin, Parsed, PortStats, DIR_RX, DIR_TX};
+use super::traffic::{self, Expect, Origin, Parsed, PortStats, DIR_RX, DIR_TX};
 use super::worker::{queue_err, QueueWork, WorkerStats, MAX_SAMPLES};
 use crate::driver::{Buf, DriverError, GuestRam, SplitQueue, UsedElem};
 use crate::log::LOG_PAGE_SHIFT;
@@ -54,6 +54,11 @@ pub(super) struct NetRingCfg {
     pub seed: u64,
     /// Frames come from the checker: check their contents and sequence numbers.
     pub verify: bool,
+    /// The frames each RX queue gets name its own pair (a socket port per pair); else any
+    /// pair, and other frames are foreign (a TAP).
+    pub per_pair: bool,
+    /// Queue pairs of the run.
+    pub pairs: u16,
     /// Record the pages the device writes while logging is on.
     pub track: bool,
 }
@@ -87,7 +92,8 @@ pub(super) struct RxWork {
     posted: Vec<Option<Posted>>,
     free_tokens: Vec<usize>,
     generation: u64,
-    next_seq: u64,
+    /// Next sequence number expected per pair.
+    next_seq: Vec<u64>,
     buf: Vec<u8>,
     word: Vec<u8>,
     samples: Vec<String>,
@@ -115,7 +121,7 @@ impl RxWork {
             posted: Vec::new(),
             free_tokens: Vec::new(),
             generation: 0,
-            next_seq: 0,
+            next_seq: vec![0; usize::from(cfg.pairs.max(1))],
             buf: Vec::new(),
             word: Vec::new(),
             samples: Vec::new(),
@@ -249,21 +255,28 @@ impl RxWork {
                     .read(g + skip, &mut self.buf[at..])
                     .map_err(|e| queue_err(idx, e))?;
             }
-            match traffic::parse_frame(&self.buf, DIR_RX, self.cfg.pair(), self.cfg.origin) {
+            let expect = Expect {
+                dir: DIR_RX,
+                pair: self.cfg.per_pair.then(|| self.cfg.pair()),
+                pairs: self.cfg.pairs,
+                lenient: !self.cfg.per_pair,
+            };
+            match traffic::parse_frame(&self.buf, expect, self.cfg.origin) {
                 Parsed::Foreign => {
                     self.stats.rx_foreign.fetch_add(1, Ordering::Relaxed);
                 }
-                Parsed::Seq(seq) if seq >= self.next_seq => {
-                    if seq > self.next_seq {
+                Parsed::Seq(p, seq) if seq >= self.next_seq[usize::from(p)] => {
+                    let next = &mut self.next_seq[usize::from(p)];
+                    if seq > *next {
                         self.stats.rx_seq_gaps.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.next_seq = seq + 1;
+                    *next = seq + 1;
                 }
-                Parsed::Seq(seq) => {
+                Parsed::Seq(p, seq) => {
                     self.stats.data_errors.fetch_add(1, Ordering::Relaxed);
                     let s = format!(
-                        "queue {idx}: frame {seq} received after frame {} (duplicate or reordered)",
-                        self.next_seq - 1
+                        "queue {idx}: frame {seq} of pair {p} received after frame {} (duplicate or reordered)",
+                        self.next_seq[usize::from(p)] - 1
                     );
                     self.push_sample(s);
                 }

@@ -298,10 +298,21 @@ pub enum Traffic {
     /// checker sends frames to `PATH` (pair `k > 0`: `PATH.k`) from a socket of its own, where
     /// the backend's TX frames arrive and are counted.
     Socket(PathBuf),
+    /// A TAP interface the backend serves (`vhost-dirtylog-net --tap NAME`, QEMU's tap
+    /// netdev, DPDK's `net_tap`): frames are injected with an `AF_PACKET` socket bound to it,
+    /// inside network namespace `netns` (a name under `/var/run/netns`, as `ip netns` makes
+    /// them, or a path such as `/proc/PID/ns/net`) if given; the interface is set up if it is
+    /// down. The guest's TX frames are counted as they come out of the interface.
+    Tap {
+        /// The interface name.
+        name: String,
+        /// The network namespace it lives in (`None`: the checker's own).
+        netns: Option<String>,
+    },
 }
 
 impl Traffic {
-    /// Parses `none` or `socket:PATH` (`tap:NAME[@NETNS]` is named as not implemented).
+    /// Parses `none`, `socket:PATH` or `tap:NAME[@NETNS]`.
     pub fn parse(s: &str) -> Result<Traffic, String> {
         let s = s.trim();
         if s == "none" {
@@ -327,6 +338,11 @@ impl fmt::Display for Traffic {
         match self {
             Traffic::None => f.write_str("none"),
             Traffic::Socket(p) => write!(f, "socket:{}", p.display()),
+            Traffic::Tap { name, netns: None } => write!(f, "tap:{name}"),
+            Traffic::Tap {
+                name,
+                netns: Some(ns),
+            } => write!(f, "tap:{name}@{ns}"),
         }
     }
 }

@@ -102,6 +102,8 @@ impl Workers {
                         origin,
                         seed: opts.seed,
                         verify: verify && w.injectors.is_some(),
+                        per_pair: w.injectors.as_ref().is_some_and(Injectors::per_pair),
+                        pairs: s.pairs,
                         track,
                     };
                     let pair = i / 2;

@@ -30,6 +30,7 @@
 //! checked and counted.
 
 use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,24 +100,42 @@ fn stream_seed(o: Origin, dir: u16, pair: u16, seq: u64) -> u64 {
 /// What [`parse_frame`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Parsed {
-    /// An intact frame of this run, with its sequence number.
-    Seq(u64),
+    /// An intact frame of this run: its pair and sequence number.
+    Seq(u16, u64),
     /// A checker frame of another run (still queued in the port): not checked.
     Foreign,
     /// Damaged: what is wrong.
     Bad(String),
 }
 
-/// Checks `f` is an intact frame of `o`'s run, direction `dir` and pair `pair`.
-pub(super) fn parse_frame(f: &[u8], dir: u16, pair: u16, o: Origin) -> Parsed {
-    match parse_inner(f, dir, pair, o) {
-        Ok(Some(seq)) => Parsed::Seq(seq),
+/// What a frame must be.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Expect {
+    /// Direction.
+    pub dir: u16,
+    /// Pair (`None`: any pair below `pairs`).
+    pub pair: Option<u16>,
+    /// Pairs of the run.
+    pub pairs: u16,
+    /// Frames with another EtherType are foreign, not damaged (a TAP also carries the
+    /// kernel's own frames, e.g. IPv6 router solicitations).
+    pub lenient: bool,
+}
+
+/// Checks `f` is an intact frame of `o`'s run as `e` says.
+pub(super) fn parse_frame(f: &[u8], e: Expect, o: Origin) -> Parsed {
+    match parse_inner(f, e, o) {
+        Ok(Some((p, seq))) => Parsed::Seq(p, seq),
         Ok(None) => Parsed::Foreign,
         Err(e) => Parsed::Bad(e),
     }
 }
 
-fn parse_inner(f: &[u8], dir: u16, pair: u16, o: Origin) -> Result<Option<u64>, String> {
+fn parse_inner(f: &[u8], e: Expect, o: Origin) -> Result<Option<(u16, u64)>, String> {
+    let dir = e.dir;
+    if e.lenient && (f.len() < 14 || u16::from_be_bytes([f[12], f[13]]) != ETHERTYPE) {
+        return Ok(None);
+    }
     if f.len() < FRAME_HDR {
         return Err(format!("a {}-byte frame, shorter than its header", f.len()));
     }
@@ -134,9 +153,10 @@ fn parse_inner(f: &[u8], dir: u16, pair: u16, o: Origin) -> Result<Option<u64>, 
     if nonce != o.nonce {
         return Ok(None);
     }
-    if d != dir || p != pair {
+    if d != dir || e.pair.is_some_and(|q| q != p) || p >= e.pairs {
         return Err(format!(
-            "frame {seq} of direction {d} pair {p} arrived on pair {pair} direction {dir}"
+            "frame {seq} of direction {d} pair {p} arrived as direction {dir}{}",
+            e.pair.map_or(String::new(), |q| format!(" pair {q}"))
         ));
     }
     if len != f.len() {
@@ -145,7 +165,7 @@ fn parse_inner(f: &[u8], dir: u16, pair: u16, o: Origin) -> Result<Option<u64>, 
             f.len()
         ));
     }
-    let mut x = stream_seed(o, dir, pair, seq);
+    let mut x = stream_seed(o, dir, p, seq);
     for (k, chunk) in f[FRAME_HDR..].chunks(8).enumerate() {
         x = splitmix64(x);
         if chunk != &x.to_le_bytes()[..chunk.len()] {
@@ -155,7 +175,7 @@ fn parse_inner(f: &[u8], dir: u16, pair: u16, o: Origin) -> Result<Option<u64>, 
             ));
         }
     }
-    Ok(Some(seq))
+    Ok(Some((p, seq)))
 }
 
 /// The path of pair `pair`'s socket port when pair 0's is `base` (`base`, `base.1`, ...), as
@@ -189,18 +209,194 @@ pub(super) struct PortStats {
 pub(super) struct Injectors {
     stop: Arc<AtomicBool>,
     handles: Vec<JoinHandle<Option<String>>>,
-    /// Per pair.
+    /// Per injector (one per pair on a socket port, one on a TAP).
     pub stats: Vec<Arc<PortStats>>,
-    dir: PathBuf,
+    /// The directory of our sockets (socket ports only).
+    dir: Option<PathBuf>,
     /// Problems seen (bad frames from the port).
     pub samples: Vec<String>,
 }
 
+/// Where an injector's frames go and the backend's come from.
+enum Wire {
+    /// The backend's datagram socket port at `to`, from a socket of our own.
+    Unix { sock: UnixDatagram, to: PathBuf },
+    /// An `AF_PACKET` socket bound to a TAP interface.
+    Packet(OwnedFd),
+}
+
+impl Wire {
+    /// Sends one frame.
+    fn send(&self, f: &[u8]) -> std::io::Result<()> {
+        match self {
+            Wire::Unix { sock, to } => sock.send_to(f, to).map(|_| ()),
+            Wire::Packet(fd) => {
+                // SAFETY: `f` is live and readable for its length; the fd is ours and open.
+                let n = unsafe {
+                    libc::send(
+                        fd.as_raw_fd(),
+                        f.as_ptr().cast(),
+                        f.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Receives one frame the backend sent (`Ok(None)`: nothing now). On a packet socket the
+    /// frames we sent ourselves (`PACKET_OUTGOING`) are skipped.
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        let r = match self {
+            Wire::Unix { sock, .. } => sock.recv(buf),
+            Wire::Packet(fd) => loop {
+                // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut flen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                // SAFETY: `buf` and `from` are live and writable for the sizes given.
+                let n = unsafe {
+                    libc::recvfrom(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                        (&mut from as *mut libc::sockaddr_ll).cast(),
+                        &mut flen,
+                    )
+                };
+                if n < 0 {
+                    break Err(std::io::Error::last_os_error());
+                }
+                if from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                    break Ok(n as usize);
+                }
+            },
+        };
+        match r {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Opens an `AF_PACKET` socket bound to interface `name` in network namespace `netns` (a
+/// name under `/var/run/netns` or a path; `None`: ours) and sets the interface up. The
+/// namespace is entered by a helper thread (`setns` changes only the calling thread's); the
+/// socket stays in it.
+fn packet_socket(name: &str, netns: Option<&str>) -> Result<OwnedFd, String> {
+    let name = name.to_string();
+    let netns = netns.map(|n| {
+        if n.contains('/') {
+            PathBuf::from(n)
+        } else {
+            Path::new("/var/run/netns").join(n)
+        }
+    });
+    std::thread::spawn(move || -> Result<OwnedFd, String> {
+        if let Some(ns) = &netns {
+            let f = std::fs::File::open(ns)
+                .map_err(|e| format!("network namespace {}: {e}", ns.display()))?;
+            // SAFETY: setns on a namespace fd we opened; it affects only this helper thread.
+            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "entering network namespace {}: {}",
+                    ns.display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        let cname = std::ffi::CString::new(name.clone()).map_err(|e| e.to_string())?;
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(format!(
+                "no interface {name}{}",
+                netns
+                    .as_ref()
+                    .map_or(String::new(), |n| format!(" in {}", n.display()))
+            ));
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket creation; the fd is owned below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            )
+        };
+        if raw < 0 {
+            return Err(format!(
+                "AF_PACKET socket (needs CAP_NET_RAW): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `raw` is a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll of the size given.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "binding to {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // Up (SIOCGIFFLAGS / SIOCSIFFLAGS), as `ip link set NAME up` does.
+        // SAFETY: ifreq is plain data; all zeroes is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: SIOCGIFFLAGS reads and writes a `struct ifreq`, which `ifr` is.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } != 0 {
+            return Err(format!(
+                "{name}: SIOCGIFFLAGS: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: the flags member is the one SIOCGIFFLAGS filled in.
+        let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+        if flags & libc::IFF_UP as libc::c_short == 0 {
+            ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+            // SAFETY: SIOCSIFFLAGS reads a `struct ifreq`, which `ifr` is.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } != 0 {
+                return Err(format!(
+                    "{name}: setting it up: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Ok(fd)
+    })
+    .join()
+    .map_err(|_| "the namespace helper thread panicked".to_string())?
+}
+
 /// Settings of one injector thread.
 struct Inject {
+    /// The pair its frames name.
     pair: u16,
-    sock: UnixDatagram,
-    to: PathBuf,
+    /// TX frames from the port: of this pair only (`None`: any, a TAP's one wire).
+    tx_pair: Option<u16>,
+    pairs: u16,
+    wire: Wire,
     rate: u64,
     sizes: (u32, u32),
     origin: Origin,
@@ -217,10 +413,23 @@ impl Injectors {
         origin: Origin,
         seed: u64,
     ) -> Result<Option<Injectors>, CheckError> {
-        let Traffic::Socket(base) = &net.traffic else {
-            return Ok(None);
-        };
         let setup = |m: String| CheckError::Setup(m);
+        let base = match &net.traffic {
+            Traffic::None => return Ok(None),
+            Traffic::Socket(base) => base,
+            Traffic::Tap { name, netns } => {
+                let fd = packet_socket(name, netns.as_deref()).map_err(setup)?;
+                return Self::spawn_all(
+                    net,
+                    pairs,
+                    origin,
+                    seed,
+                    None,
+                    vec![(Wire::Packet(fd), None)],
+                )
+                .map(Some);
+            }
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -229,24 +438,44 @@ impl Injectors {
             std::process::id()
         ));
         std::fs::create_dir(&dir).map_err(|e| setup(format!("{}: {e}", dir.display())))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut inj = Injectors {
-            stop: stop.clone(),
-            handles: Vec::new(),
-            stats: Vec::new(),
-            dir: dir.clone(),
-            samples: Vec::new(),
-        };
+        let mut wires = Vec::new();
         for pair in 0..pairs {
             let own = dir.join(format!("pair{pair}.sock"));
             let sock = UnixDatagram::bind(&own)
                 .and_then(|s| s.set_nonblocking(true).map(|()| s))
                 .map_err(|e| setup(format!("{}: {e}", own.display())))?;
+            let to = pair_path(base, usize::from(pair));
+            wires.push((Wire::Unix { sock, to }, Some(pair)));
+        }
+        Self::spawn_all(net, pairs, origin, seed, Some(dir), wires).map(Some)
+    }
+
+    /// One injector thread per wire; `(wire, Some(pair))` carries that pair's frames only,
+    /// `(wire, None)` frames of pair 0 in and TX frames of every pair out.
+    fn spawn_all(
+        net: &NetOptions,
+        pairs: u16,
+        origin: Origin,
+        seed: u64,
+        dir: Option<PathBuf>,
+        wires: Vec<(Wire, Option<u16>)>,
+    ) -> Result<Injectors, CheckError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut inj = Injectors {
+            stop: stop.clone(),
+            handles: Vec::new(),
+            stats: Vec::new(),
+            dir,
+            samples: Vec::new(),
+        };
+        for (wire, tx_pair) in wires {
+            let pair = tx_pair.unwrap_or(0);
             let stats = Arc::new(PortStats::default());
             let job = Inject {
                 pair,
-                sock,
-                to: pair_path(base, usize::from(pair)),
+                tx_pair,
+                pairs,
+                wire,
                 rate: net.rate,
                 sizes: (net.frame_min, net.frame_max),
                 origin,
@@ -257,11 +486,17 @@ impl Injectors {
             let h = std::thread::Builder::new()
                 .name(format!("check-inject-{pair}"))
                 .spawn(move || job.run())
-                .map_err(|e| setup(format!("cannot start an injector thread: {e}")))?;
+                .map_err(|e| CheckError::Setup(format!("cannot start an injector thread: {e}")))?;
             inj.handles.push(h);
             inj.stats.push(stats);
         }
-        Ok(Some(inj))
+        Ok(inj)
+    }
+
+    /// One wire per pair (socket port): pair `k`'s RX queue gets injector `k`'s frames.
+    /// Otherwise (a TAP) the kernel spreads frames over the queues as it likes.
+    pub fn per_pair(&self) -> bool {
+        self.dir.is_some()
     }
 
     /// Sum of a counter over all pairs.
@@ -286,7 +521,9 @@ impl Injectors {
 impl Drop for Injectors {
     fn drop(&mut self) {
         self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -297,7 +534,13 @@ impl Inject {
         let mut frame = Vec::with_capacity(self.sizes.1 as usize);
         let mut rbuf = vec![0u8; 65536];
         let mut seq = 0u64;
-        let mut tx_next = 0u64;
+        let mut tx_next = vec![0u64; usize::from(self.pairs.max(1))];
+        let expect = Expect {
+            dir: DIR_TX,
+            pair: self.tx_pair,
+            pairs: self.pairs,
+            lenient: self.tx_pair.is_none(),
+        };
         let mut sample = None;
         let start = Instant::now();
         let mut pending = false;
@@ -305,22 +548,21 @@ impl Inject {
             // What the backend sent out of its port.
             let mut got = 0;
             while got < 256 {
-                match self.sock.recv(&mut rbuf) {
-                    Ok(n) => {
+                match self.wire.recv(&mut rbuf) {
+                    Ok(Some(n)) => {
                         got += 1;
-                        match parse_frame(&rbuf[..n], DIR_TX, self.pair, self.origin) {
-                            Parsed::Seq(s) if s >= tx_next => {
-                                tx_next = s + 1;
+                        match parse_frame(&rbuf[..n.min(rbuf.len())], expect, self.origin) {
+                            Parsed::Seq(p, s) if s >= tx_next[usize::from(p)] => {
+                                tx_next[usize::from(p)] = s + 1;
                                 self.stats.tx_seen.fetch_add(1, Ordering::Relaxed);
                             }
                             Parsed::Foreign => {}
-                            Parsed::Seq(s) => {
+                            Parsed::Seq(p, s) => {
                                 self.stats.tx_bad.fetch_add(1, Ordering::Relaxed);
                                 sample.get_or_insert_with(|| {
                                     format!(
-                                        "pair {}: TX frame {s} left the port after frame {}",
-                                        self.pair,
-                                        tx_next.wrapping_sub(1)
+                                        "pair {p}: TX frame {s} left the port after frame {}",
+                                        tx_next[usize::from(p)].wrapping_sub(1)
                                     )
                                 });
                             }
@@ -332,7 +574,7 @@ impl Inject {
                             }
                         }
                     }
-                    Err(_) => break,
+                    Ok(None) | Err(_) => break,
                 }
             }
             // Injection, paced to the rate (0: as fast as the port takes frames).
@@ -355,7 +597,7 @@ impl Inject {
                     );
                     pending = true;
                 }
-                match self.sock.send_to(&frame, &self.to) {
+                match self.wire.send(&frame) {
                     Ok(_) => {
                         self.stats.sent.fetch_add(1, Ordering::Relaxed);
                         seq += 1;
@@ -389,28 +631,37 @@ mod tests {
     #[test]
     fn frames_round_trip_and_damage_is_named() {
         let o = Origin { salt: 9, nonce: 5 };
+        let rx3 = Expect {
+            dir: DIR_RX,
+            pair: Some(3),
+            pairs: 4,
+            lenient: false,
+        };
+        let any = Expect { pair: None, ..rx3 };
+        let tx3 = Expect { dir: DIR_TX, ..rx3 };
         let mut f = Vec::new();
         for len in [34usize, 60, 61, 1514] {
             make_frame(&mut f, DIR_RX, 3, 77, len, o);
             assert_eq!(f.len(), len);
-            assert_eq!(parse_frame(&f, DIR_RX, 3, o), Parsed::Seq(77));
+            assert_eq!(parse_frame(&f, rx3, o), Parsed::Seq(3, 77));
+            assert_eq!(parse_frame(&f, any, o), Parsed::Seq(3, 77));
         }
         let bad = |p: Parsed| match p {
             Parsed::Bad(e) => e,
             p => panic!("{p:?}"),
         };
-        assert!(bad(parse_frame(&f, DIR_TX, 3, o)).contains("direction"));
-        assert!(bad(parse_frame(&f[..100], DIR_RX, 3, o)).contains("header says 1514"));
+        assert!(bad(parse_frame(&f, tx3, o)).contains("direction"));
+        assert!(bad(parse_frame(&f[..100], rx3, o)).contains("header says 1514"));
         let mut g = f.clone();
         g[700] ^= 1;
-        assert!(bad(parse_frame(&g, DIR_RX, 3, o)).contains("byte 698"));
+        assert!(bad(parse_frame(&g, rx3, o)).contains("byte 698"));
         // Another salt (another seed) is damage; another nonce (another run) is foreign.
         assert!(matches!(
-            parse_frame(&f, DIR_RX, 3, Origin { salt: 10, nonce: 5 }),
+            parse_frame(&f, rx3, Origin { salt: 10, nonce: 5 }),
             Parsed::Bad(_)
         ));
         assert_eq!(
-            parse_frame(&f, DIR_RX, 3, Origin { salt: 9, nonce: 6 }),
+            parse_frame(&f, rx3, Origin { salt: 9, nonce: 6 }),
             Parsed::Foreign
         );
         assert!(matches!(
