@@ -328,3 +328,61 @@ fn net_bench_reports_both_sizes() {
     assert!(r.sizes[0].merged_pct < 1.0);
     assert!(r.summary().contains("on/off"));
 }
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// `--traffic tap:NAME@NETNS`: our daemon serves a multi-queue TAP in a namespace of its own
+/// (no traffic leaves it); the checker injects through an AF_PACKET socket bound to the TAP.
+/// Needs root, `/dev/net/tun` and `ip`; skipped with a loud message otherwise.
+#[test]
+fn net_check_through_a_tap_in_a_netns() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    if !root || !Path::new("/dev/net/tun").exists() || !ip {
+        eprintln!("SKIPPED net_check_through_a_tap_in_a_netns: needs root, /dev/net/tun and ip");
+        return;
+    }
+    let ns = Netns(format!("vdlchk{}", std::process::id()));
+    let ok = Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED net_check_through_a_tap_in_a_netns: `ip netns add` failed");
+        return;
+    }
+    let env = DaemonDir::new("check-net-tap");
+    let mut cmd = Command::new("ip");
+    // The daemon's seccomp allow-list does not have the TAP ioctls yet: sandbox off.
+    cmd.args([
+        "netns", "exec", &ns.0, DAEMON, "--tap", "vdlchk0", "--queues", "2",
+    ])
+    .args(["--sandbox", "none", "--socket-path"])
+    .arg(&env.sock)
+    .env("RUST_LOG", "error")
+    .stdin(std::process::Stdio::null());
+    let d = DaemonProcess::spawn(&mut cmd, env);
+    for (faults, style) in [(&[][..], VmmStyle::Qemu), (&Fault::ALL[..], VmmStyle::Ch)] {
+        let mut o = opts(&d.env.sock, Path::new("/unused"));
+        o.net.traffic = Traffic::Tap {
+            name: "vdlchk0".into(),
+            netns: Some(ns.0.clone()),
+        };
+        o.faults = faults.to_vec();
+        o.vmm_style = style;
+        let r = check::run(&o).unwrap_or_else(|e| panic!("{faults:?} {style}: {e}"));
+        assert_clean(&r, &format!("TAP, {faults:?}, {style} style"));
+        assert_eq!(
+            r.net.as_ref().unwrap().traffic,
+            format!("tap:vdlchk0@{}", ns.0)
+        );
+    }
+}

@@ -324,12 +324,24 @@ impl Traffic {
             }
             return Ok(Traffic::Socket(PathBuf::from(p)));
         }
-        if s.starts_with("tap:") {
-            return Err(
-                "--traffic tap:NAME is not implemented yet (use socket:PATH or none)".into(),
-            );
+        if let Some(t) = s.strip_prefix("tap:") {
+            let (name, netns) = match t.split_once('@') {
+                Some((n, ns)) => (n, Some(ns.to_string())),
+                None => (t, None),
+            };
+            if name.is_empty() || name.len() >= 16 || netns.as_deref() == Some("") {
+                return Err(format!(
+                    "--traffic {s:?}: expected tap:NAME or tap:NAME@NETNS (NAME at most 15 bytes)"
+                ));
+            }
+            return Ok(Traffic::Tap {
+                name: name.to_string(),
+                netns,
+            });
         }
-        Err(format!("unknown traffic source {s:?} (socket:PATH, none)"))
+        Err(format!(
+            "unknown traffic source {s:?} (socket:PATH, tap:NAME[@NETNS], none)"
+        ))
     }
 }
 

@@ -63,7 +63,8 @@ pub struct NetStats {
     /// Gaps in the received sequence numbers (frames dropped between the injector and the
     /// guest, e.g. by a full port: not an error).
     pub rx_seq_gaps: u64,
-    /// Frames of an earlier run still queued in the backend's port (counted, not checked).
+    /// Frames not made by this run (an earlier run's still queued in a socket port; a TAP's
+    /// own traffic such as IPv6 router solicitations): counted, not checked.
     pub rx_foreign: u64,
     /// RX frames per second.
     pub rx_fps: f64,
@@ -383,7 +384,7 @@ impl Report {
                 group(n.rx_merged),
                 group(n.rx_seq_gaps),
                 if n.rx_foreign > 0 {
-                    format!(", {} left from an earlier run", group(n.rx_foreign))
+                    format!(", {} foreign", group(n.rx_foreign))
                 } else {
                     String::new()
                 },
