@@ -272,7 +272,7 @@ impl Wire {
                 if n < 0 {
                     break Err(std::io::Error::last_os_error());
                 }
-                if from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if from.sll_pkttype != libc::PACKET_OUTGOING {
                     break Ok(n as usize);
                 }
             },
@@ -664,10 +664,21 @@ mod tests {
             parse_frame(&f, rx3, Origin { salt: 9, nonce: 6 }),
             Parsed::Foreign
         );
+        assert!(matches!(parse_frame(&f[..10], rx3, o), Parsed::Bad(_)));
+        // Pair 3 of a 3-pair run does not exist; a TAP's other traffic is foreign.
         assert!(matches!(
-            parse_frame(&f[..10], DIR_RX, 3, o),
+            parse_frame(&f, Expect { pairs: 3, ..any }, o),
             Parsed::Bad(_)
         ));
+        let mut ip6 = f.clone();
+        ip6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        assert!(matches!(parse_frame(&ip6, any, o), Parsed::Bad(_)));
+        let lenient = Expect {
+            lenient: true,
+            ..any
+        };
+        assert_eq!(parse_frame(&ip6, lenient, o), Parsed::Foreign);
+        assert_eq!(parse_frame(&f, lenient, o), Parsed::Seq(3, 77));
         assert_eq!(pair_path(Path::new("/x/p"), 2), PathBuf::from("/x/p.2"));
         assert_eq!(pair_path(Path::new("/x/p"), 0), PathBuf::from("/x/p"));
         assert_ne!(Origin::new(1).nonce, 0);
