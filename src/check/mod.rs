@@ -82,8 +82,11 @@
 //! - **Traffic** ([`Traffic`], `--traffic`): `socket:PATH` injects frames into the backend's
 //!   unix datagram socket port (`vhost-dirtylog-net --socket-port PATH`; pair `k > 0` at
 //!   `PATH.k`), at [`NetOptions::rate`] frames per second per pair with sizes in the
-//!   `--frame-size` range; `none` leaves the traffic to the backend (e.g. `dpdk-testpmd
-//!   --forward-mode=txonly`). Injection never pauses: frames keep arriving through the final
+//!   `--frame-size` range; `tap:NAME[@NETNS]` sends them through an `AF_PACKET` socket bound
+//!   to the backend's TAP interface inside its network namespace (one wire for all pairs: the
+//!   kernel picks the TAP queue, so each RX queue accepts frames of any pair, and the kernel's
+//!   own frames on the TAP are counted as foreign); `none` leaves the traffic to the backend
+//!   (e.g. `dpdk-testpmd --forward-mode=txonly`). Injection never pauses: frames keep arriving through the final
 //!   `GET_VRING_BASE` / `SET_VRING_ENABLE(0)` and the settle time, so a backend that still
 //!   writes a stopped RX ring is caught (pages marked too late, used entries after the stop).
 //! - **Lost pages by kind**: `rx-buffer`, `rx-used-ring` (the used ring with its

@@ -28,6 +28,15 @@
 //! stopped is caught. The same socket receives the frames the backend sends out of its port
 //! (the guest's TX frames; the backend learns the address from the injected frames); they are
 //! checked and counted.
+//!
+//! With `--traffic tap:NAME[@NETNS]` ([`Traffic::Tap`]) one thread sends frames (all naming
+//! pair 0) through an `AF_PACKET` socket bound to the TAP interface, opened inside the
+//! network namespace by a helper thread (`setns` changes only the calling thread's), after
+//! setting the interface up. Frames transmitted on a TAP interface are what its file
+//! descriptor reads, i.e. what the backend receives; with several queues the kernel picks
+//! the queue. The backend's TX frames come back on the same socket (received frames; our own,
+//! `PACKET_OUTGOING`, are skipped), as do the kernel's own frames on that interface, which
+//! are counted as foreign.
 
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
