@@ -173,8 +173,6 @@ struct Pair {
     rx_buf: Vec<u8>,
     /// Length of a frame kept in `rx_buf` because the guest had too few RX buffers.
     pending: Option<usize>,
-    /// The port may have frames we have not read (edge-triggered port: we must read on).
-    backlog: bool,
     /// TX bounce buffer (header + frame).
     tx_buf: Vec<u8>,
     /// Used elements of the current RX burst: (head, bytes written).
@@ -264,11 +262,9 @@ impl NetDevice {
         }
         let pairs = (0..config.queue_pairs)
             .map(|_| {
-                Mutex::new(Pair {
-                    // Frames may be waiting in the port before the guest is ready.
-                    backlog: true,
-                    ..Default::default()
-                })
+                // The port is edge-triggered: every RX kick and resume event reads it again,
+                // so frames that arrived while the ring was stopped are not stranded.
+                Mutex::new(Pair::default())
             })
             .collect();
         let resume = (0..config.queue_pairs)
@@ -423,7 +419,6 @@ impl NetDevice {
         let p = &mut *p;
         let mut state = vring.get_mut();
         if self.stopped(&state) {
-            p.backlog = true;
             return;
         }
         let atomic = self
@@ -508,7 +503,6 @@ impl NetDevice {
                 Some(l) => l,
                 None => match port.recv(&mut p.rx_buf[recv_at..]) {
                     Ok(None) => {
-                        p.backlog = false;
                         break RxStop::PortEmpty;
                     }
                     Ok(Some(n)) if n > extra + MAX_FRAME_LEN => {
@@ -533,7 +527,6 @@ impl NetDevice {
                     Err(e) => {
                         p.stats.rx_port_errors += 1;
                         log::log!(p.rx_rl.level(), "pair {pair}: port read failed: {e}");
-                        p.backlog = false;
                         break RxStop::PortEmpty;
                     }
                 },
