@@ -185,18 +185,25 @@ fn net_check_catches_the_drop_marks_build() {
     }
 }
 
-/// In-process, so the test can switch logging off behind the frontend's back: it drops out
-/// for 5 ms in every 50 ms; most frames are marked, some are not, and the checker notices.
-#[test]
-fn net_check_catches_brief_logging_gaps() {
-    let dir = DaemonDir::new("check-net-gaps");
-    let base = dir.dir.path().join("port");
+/// Our device served in-process (one frontend), two pairs on socket ports at `PORT`,
+/// `PORT.1`: the directory (socket `dir.sock`, port base `dir/port`), the device and its
+/// daemon.
+struct InProcNet {
+    dir: DaemonDir,
+    port: PathBuf,
+    dev: NetDevice,
+    _daemon: InProcessDaemon<vhost_dirtylog::log::GuestDirtyBitmap>,
+}
+
+fn in_process_net() -> InProcNet {
+    let dir = DaemonDir::new("check-net-inproc");
+    let port = dir.dir.path().join("port");
     let mut ports: Vec<Arc<dyn Port>> = Vec::new();
     for p in 0..2 {
         let path = if p == 0 {
-            base.clone()
+            port.clone()
         } else {
-            PathBuf::from(format!("{}.{p}", base.display()))
+            PathBuf::from(format!("{}.{p}", port.display()))
         };
         ports.push(Arc::new(SocketPort::bind(&path, None).unwrap()));
     }
@@ -207,9 +214,22 @@ fn net_check_catches_brief_logging_gaps() {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = NetDevice::into_backend(config, ports, mem.clone()).unwrap();
     let dev = backend.inner().clone();
-    let log = backend.log().clone();
     let d2 = dev.clone();
-    let _daemon = InProcessDaemon::serve_with(backend, mem, &dir.sock, |d| d2.attach(d).unwrap());
+    let daemon = InProcessDaemon::serve_with(backend, mem, &dir.sock, |d| d2.attach(d).unwrap());
+    InProcNet {
+        dir,
+        port,
+        dev,
+        _daemon: daemon,
+    }
+}
+
+/// In-process, so the test can switch logging off behind the frontend's back: it drops out
+/// for 5 ms in every 50 ms; most frames are marked, some are not, and the checker notices.
+#[test]
+fn net_check_catches_brief_logging_gaps() {
+    let d = in_process_net();
+    let log = d.dev.dirty_log().clone();
     let stop = Arc::new(AtomicBool::new(false));
     let flicker = {
         let stop = stop.clone();
@@ -227,7 +247,7 @@ fn net_check_catches_brief_logging_gaps() {
             gaps
         })
     };
-    let r = check::run(&opts(&dir.sock, &base)).unwrap();
+    let r = check::run(&opts(&d.dir.sock, &d.port)).unwrap();
     stop.store(true, Ordering::Relaxed);
     let gaps = flicker.join().unwrap();
     println!("{gaps} gaps\n{}", r.summary());
@@ -239,6 +259,22 @@ fn net_check_catches_brief_logging_gaps() {
         r.lost_rx_buffer + r.lost_rx_used_ring + r.lost_tx_used_ring + r.lost_other
     );
     assert_eq!(r.exit_code, EXIT_LOST);
+}
+
+/// A device that publishes a frame's buffers one by one (the used index after each, as
+/// virtio-queue's `add_used` does) lets the guest see a frame before all its buffers: the
+/// checker's guest must refuse it (a protocol error naming the frame), as Linux's
+/// `receive_mergeable` drops such a frame.
+#[test]
+fn net_check_catches_buffers_published_one_by_one() {
+    let d = in_process_net();
+    d.dev.publish_each_buffer_for_tests(true);
+    let mut o = opts(&d.dir.sock, &d.port);
+    o.net.frame_min = 1200;
+    let e = check::run(&o).unwrap_err();
+    println!("{e}");
+    assert!(e.to_string().contains("published with only"), "{e}");
+    assert_eq!(e.exit_code(), check::EXIT_PROTOCOL);
 }
 
 /// The command line: `--device net --json` against the program, and usage errors.
