@@ -153,9 +153,9 @@ impl Target<'_> {
         if self.vmm.flips() {
             self.vmm.grow_logs(ram.gpa_end())?;
         }
-        let n = self.workers.len();
-        for i in 0..n {
-            let s = share(&self.plan.hot_slots, i, n);
+        let takers = self.workers.slot_takers();
+        for (k, &i) in takers.iter().enumerate() {
+            let s = share(&self.plan.hot_slots, k, takers.len());
             self.workers.send(i, Cmd::AddSlots(s))?;
         }
         let removed = ram

@@ -30,6 +30,8 @@ pub(super) struct Workers {
     handles: Vec<Option<JoinHandle<WorkerResult>>>,
     stats: Vec<Arc<WorkerStats>>,
     injectors: Option<Injectors>,
+    /// The rings are net queues (odd ones TX, which use no data slots).
+    net: bool,
 }
 
 impl Workers {
@@ -50,6 +52,7 @@ impl Workers {
             handles: Vec::new(),
             stats: Vec::new(),
             injectors: None,
+            net: opts.device == Device::Net,
         };
         let origin = Origin::new(s.salt);
         if opts.device == Device::Net {
@@ -150,6 +153,13 @@ impl Workers {
             w.stats.push(stats);
         }
         Ok(w)
+    }
+
+    /// The workers that put buffers in data slots (blk queues, net RX queues), by index.
+    pub fn slot_takers(&self) -> Vec<usize> {
+        (0..self.len())
+            .filter(|&i| !self.net || i.is_multiple_of(2))
+            .collect()
     }
 
     /// The injectors, if the checker makes the traffic.
