@@ -392,6 +392,12 @@ impl Report {
                 group(n.rx_fps as u64),
                 group(n.tx_frames)
             );
+            if n.rx_frames == 0 {
+                let _ = writeln!(
+                    s,
+                    "  note       no frame arrived in the RX queues: the RX path was not exercised (--traffic)"
+                );
+            }
             if n.traffic != "none" {
                 let _ = writeln!(
                     s,
@@ -669,6 +675,51 @@ mod tests {
         r.tally_lost(&[5], |_| ("data", false));
         r.conclude();
         assert_eq!(r.exit_code, EXIT_LOST);
+    }
+
+    #[test]
+    fn net_reports_name_net_kinds() {
+        let mut r = blank();
+        r.device = Device::Net;
+        r.net = Some(NetStats {
+            pairs: 2,
+            traffic: "none".into(),
+            ..NetStats::default()
+        });
+        let kinds = [
+            "rx-buffer",
+            "rx-used-ring",
+            "tx-used-ring",
+            "tx-buffer",
+            "rx-buffer",
+        ];
+        r.tally_lost(&[1, 2, 3, 4, 5], |p| (kinds[p as usize - 1], false));
+        assert_eq!(
+            (
+                r.lost_rx_buffer,
+                r.lost_rx_used_ring,
+                r.lost_tx_used_ring,
+                r.lost_other
+            ),
+            (2, 1, 1, 1)
+        );
+        let s = r.summary();
+        assert!(
+            s.contains("5 lost (5 never marked, 0 marked too late; 2 RX buffer, 1 RX used ring, 1 TX used ring, 1 other)"),
+            "{s}"
+        );
+        assert!(s.contains("the RX path was not exercised"), "{s}");
+        let mut r = blank();
+        r.device = Device::Net;
+        r.net = Some(NetStats::default());
+        r.data_errors = 3;
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_DATA);
+        assert!(
+            r.verdict.contains("3 frame(s) arrived damaged"),
+            "{}",
+            r.verdict
+        );
     }
 
     #[test]
