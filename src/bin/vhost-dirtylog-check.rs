@@ -1,4 +1,4 @@
-//! `vhost-dirtylog-check`: drives any vhost-user-blk backend through a simulated live migration
+//! `vhost-dirtylog-check`: drives any vhost-user-blk or -net backend through a simulated live migration
 //! and reports the guest pages it wrote without marking them in the dirty log. The work is done
 //! by `vhost_dirtylog::check`; this is its command line (the only place clap is used), so
 //! parsing of durations and the clap glue live here.
@@ -11,12 +11,13 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::error::ErrorKind;
 use clap::Parser;
 use vhost_dirtylog::check::{
-    self, default_layout, parse_layout, parse_size, BenchOptions, CheckOptions, Fault, SyncMode,
-    VmmStyle, Workload, EXIT_OK, EXIT_PROTOCOL, EXIT_USAGE,
+    self, default_layout, parse_frame_range, parse_layout, parse_size, BenchOptions, CheckOptions,
+    Device, Fault, NetOptions, SyncMode, Traffic, VmmStyle, Workload, EXIT_OK, EXIT_PROTOCOL,
+    EXIT_USAGE,
 };
 
-/// Drive a vhost-user-blk backend through a simulated live migration and report lost dirty
-/// pages.
+/// Drive a vhost-user-blk or vhost-user-net backend through a simulated live migration and
+/// report lost dirty pages.
 ///
 /// The checker is the VMM and the guest: it gives the backend memfd guest memory (several
 /// regions with holes), starts the virtqueues, fills the disk with a pattern that names every
@@ -29,6 +30,11 @@ use vhost_dirtylog::check::{
 ///
 /// Works with any vhost-user-blk backend: vhost-dirtylog-blk, qemu-storage-daemon
 /// (--export type=vhost-user-blk,...,writable=on), ...
+///
+/// With --device net the guest is a virtio-net driver instead: RX queues full of mergeable
+/// buffers, each poisoned with a unique pattern before it is posted, TX frames, and frames
+/// injected into the backend's port (--traffic) that keep arriving through the final stop.
+/// Lost pages are reported by kind: RX buffer, RX used ring, TX used ring, other.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-dirtylog-check", version, verbatim_doc_comment)]
 #[command(after_help = "Exit status:
@@ -39,7 +45,8 @@ use vhost_dirtylog::check::{
       the backend answered the final stop (GET_VRING_BASE, or SET_VRING_ENABLE(0) with
       --vmm-style ch). Lost pages take precedence (exit 1).
   3   the backend does not support dirty logging (no VHOST_F_LOG_ALL / LOG_SHMFD)
-  4   no lost page, but reads returned wrong data or requests failed
+  4   no lost page, but reads returned wrong data or requests failed (net: frames arrived
+      damaged, duplicated or out of order)
   64  invalid options
 
 Examples:
@@ -49,11 +56,44 @@ Examples:
   vhost-dirtylog-check --no-reply-ack --duration 60ms /tmp/vblk.sock
   vhost-dirtylog-check --layout 0:64M,1G:64M,4G:128M --workload mixed --deferred /tmp/vblk.sock
   vhost-dirtylog-check --bench --queues 1 --depth 32 /tmp/vblk.sock
-  vhost-dirtylog-check --json /tmp/vblk.sock | jq .lost_pages")]
+  vhost-dirtylog-check --json /tmp/vblk.sock | jq .lost_pages
+  vhost-dirtylog-check --device net --traffic socket:/tmp/port.sock --fault all /tmp/vnet.sock
+  vhost-dirtylog-check --device net --traffic none --vmm-style ch /tmp/testpmd-vhost.sock
+  vhost-dirtylog-check --device net --traffic socket:/tmp/port.sock --bench /tmp/vnet.sock")]
 struct Args {
     /// The backend's vhost-user socket (required unless --write-image).
     #[arg(value_name = "SOCKET", required_unless_present = "write_image")]
     socket: Option<PathBuf>,
+
+    /// The device the backend serves: blk or net.
+    #[arg(long, value_name = "TYPE", default_value = "blk", value_parser = device_parser())]
+    device: Device,
+
+    /// net: where frames come from: socket:PATH (the checker sends frames to the backend's
+    /// unix datagram socket port PATH, pair k > 0 at PATH.k, and counts the guest's TX frames
+    /// coming back), tap:NAME[@NETNS] (frames sent through an AF_PACKET socket bound to the
+    /// backend's TAP interface NAME, in network namespace NETNS: a name from `ip netns` or a
+    /// path; needs CAP_NET_RAW / root), or none (the backend makes its own traffic, e.g. dpdk-testpmd
+    /// --forward-mode=txonly; no TX frames are sent, frame contents are not checked).
+    #[arg(long, value_name = "SOURCE", default_value = "none", value_parser = Traffic::parse)]
+    traffic: Traffic,
+
+    /// net: frame sizes injected and sent, MIN..MAX bytes (Ethernet header and payload).
+    #[arg(long, value_name = "MIN..MAX", default_value = "60..1514", value_parser = parse_frame_range)]
+    frame_size: (u32, u32),
+
+    /// net: bytes per RX buffer (mergeable RX buffers: larger frames span several).
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
+    rx_buf_size: u32,
+
+    /// net: frames per second injected per queue pair, and sent through each TX queue
+    /// (0: as fast as the port takes them).
+    #[arg(long, value_name = "FPS", default_value_t = 20000)]
+    rate: u64,
+
+    /// net: the guest sends no TX frames.
+    #[arg(long)]
+    no_tx: bool,
 
     /// Guest RAM, split evenly into --regions regions separated by holes.
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
@@ -68,7 +108,7 @@ struct Args {
     #[arg(long, value_name = "GPA:SIZE,...", conflicts_with_all = ["mem", "regions"])]
     layout: Option<String>,
 
-    /// Queues to drive [default: 2, or fewer if the backend has fewer].
+    /// Queues to drive (net: queue pairs) [default: 2, or fewer if the backend has fewer].
     #[arg(long, value_name = "N")]
     queues: Option<u16>,
 
@@ -215,6 +255,12 @@ fn workload_parser() -> impl TypedValueParser<Value = Workload> {
     .try_map(|s| s.parse::<Workload>())
 }
 
+/// `--device`: the names [`Device`]'s `FromStr` accepts.
+fn device_parser() -> impl TypedValueParser<Value = Device> {
+    PossibleValuesParser::new(Device::ALL.map(|d| PossibleValue::new(d.name())))
+        .try_map(|s| s.parse::<Device>())
+}
+
 /// `--sync`: the names [`SyncMode`]'s `FromStr` accepts.
 fn sync_parser() -> impl TypedValueParser<Value = SyncMode> {
     PossibleValuesParser::new(SyncMode::ALL.map(|m| PossibleValue::new(m.name())))
@@ -298,6 +344,15 @@ fn main() -> ExitCode {
         return exit(EXIT_USAGE);
     };
     let opts = CheckOptions {
+        device: args.device,
+        net: NetOptions {
+            traffic: args.traffic.clone(),
+            frame_min: args.frame_size.0,
+            frame_max: args.frame_size.1,
+            rx_buf: args.rx_buf_size,
+            rate: args.rate,
+            tx: !args.no_tx,
+        },
         layout,
         queues: args.queues,
         queue_size: args.queue_size,
@@ -330,7 +385,18 @@ fn main() -> ExitCode {
         vmm_style: args.vmm_style,
         ..CheckOptions::new(socket)
     };
-    let (out, code) = if args.bench {
+    let (out, code) = if args.bench && args.device == Device::Net {
+        let b = BenchOptions {
+            phase: args.bench_phase,
+            phases: args.bench_phases,
+            ..BenchOptions::default()
+        };
+        match check::bench_net(&opts, &b) {
+            Ok(r) if args.json => (serde_json::to_string(&r).map_err(|e| e.to_string()), 0),
+            Ok(r) => (Ok(r.summary()), 0),
+            Err(e) => return fail(&e, args.json),
+        }
+    } else if args.bench {
         let b = BenchOptions {
             phase: args.bench_phase,
             phases: args.bench_phases,
@@ -416,6 +482,31 @@ mod tests {
             Args::try_parse_from(["x", "--sync", "flip", "--fault", "vring-addr", "/s"]).unwrap();
         assert_eq!(a.sync, Some(SyncMode::Flip));
         assert_eq!(a.fault, [Fault::VringAddr]);
+        let a = Args::try_parse_from([
+            "x",
+            "--device",
+            "net",
+            "--traffic",
+            "socket:/p",
+            "--frame-size",
+            "64..1500",
+            "/s",
+        ])
+        .unwrap();
+        assert_eq!(a.device, Device::Net);
+        assert_eq!(a.traffic, Traffic::Socket("/p".into()));
+        assert_eq!(a.frame_size, (64, 1500));
+        let a = Args::try_parse_from(["x", "--traffic", "tap:t0@ns1", "/s"]).unwrap();
+        assert_eq!(
+            a.traffic,
+            Traffic::Tap {
+                name: "t0".into(),
+                netns: Some("ns1".into())
+            }
+        );
+        assert_eq!(a.traffic.to_string(), "tap:t0@ns1");
+        assert!(Args::try_parse_from(["x", "--traffic", "tap:", "/s"]).is_err());
+        assert!(Args::try_parse_from(["x", "--traffic", "pcap:x", "/s"]).is_err());
         let e = Args::try_parse_from(["x", "--vmm-style", "kvm", "/s"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidValue);
         let e = Args::try_parse_from(["x", "--workload", "random", "/s"]).unwrap_err();

@@ -153,9 +153,9 @@ impl Target<'_> {
         if self.vmm.flips() {
             self.vmm.grow_logs(ram.gpa_end())?;
         }
-        let n = self.workers.len();
-        for i in 0..n {
-            let s = share(&self.plan.hot_slots, i, n);
+        let takers = self.workers.slot_takers();
+        for (k, &i) in takers.iter().enumerate() {
+            let s = share(&self.plan.hot_slots, k, takers.len());
             self.workers.send(i, Cmd::AddSlots(s))?;
         }
         let removed = ram
@@ -241,7 +241,7 @@ impl Target<'_> {
             Connection::connect(&opts.socket, opts.timeout).map_err(|e| proto("reconnect", e))?;
         conn.set_timeout(Some(opts.timeout))
             .map_err(|e| CheckError::Setup(format!("watchdog: {e}")))?;
-        negotiate(&mut conn, opts.reply_ack)
+        negotiate(&mut conn, opts.device, opts.reply_ack)
             .map_err(|e| proto("reconnect: feature negotiation", e))?;
         conn.set_mem_table(&self.shared.ram)
             .map_err(|e| proto("reconnect: SET_MEM_TABLE", e))?;

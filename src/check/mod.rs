@@ -1,5 +1,6 @@
-//! `vhost-dirtylog-check`: drive **any** vhost-user-blk backend through a simulated live
-//! migration and report every guest page it wrote without marking it in the dirty log.
+//! `vhost-dirtylog-check`: drive **any** vhost-user-blk or vhost-user-net backend through a
+//! simulated live migration and report every guest page it wrote without marking it in the
+//! dirty log.
 //!
 //! A live migration is only as good as the dirty log: a page the backend writes and does not
 //! mark is never re-sent, and the guest resumes on the destination with stale memory — no
@@ -61,6 +62,39 @@
 //! so do requests still in flight when the backend answered the final stop (the report's
 //! [`StopStats`]; exit status [`EXIT_PROTOCOL`] unless pages were lost).
 //!
+//! ## Net backends (`--device net`, [`Device::Net`])
+//! The VMM side above is the same; only the guest workload differs (the seam is the
+//! per-ring `QueueWork` of `worker.rs`, driven by one shared loop, and the device part of
+//! the rig's handshake):
+//! - **Rings.** `--queues N` queue pairs: queue `2k` is pair `k`'s RX queue, `2k + 1` its TX
+//!   queue (virtio spec 5.1.2). The driver acks what it handles (`VERSION_1`, `MRG_RXBUF`,
+//!   `EVENT_IDX`, `INDIRECT_DESC`, `MAC`, `STATUS`, `MQ`, `MTU`; no offloads). Several pairs
+//!   need `VIRTIO_NET_F_MQ` and as many queues from `GET_QUEUE_NUM`.
+//! - **RX.** Every RX descriptor is posted as one device-writable buffer of
+//!   [`NetOptions::rx_buf`] bytes (mergeable RX buffers, 5.1.6.3.1) at a random place in a
+//!   random free data slot of any region (the hot-added one too), filled with a **unique
+//!   poison pattern** first, so a buffer page the backend wrote and did not mark differs on
+//!   the destination whatever the frame bytes. Frames longer than one buffer span several
+//!   (`num_buffers`); every frame is reassembled, its lengths checked and, when the checker
+//!   made it, its contents and sequence number.
+//! - **TX.** The guest sends its own frames through each TX queue; they come out of the
+//!   backend's port and are counted there.
+//! - **Traffic** ([`Traffic`], `--traffic`): `socket:PATH` injects frames into the backend's
+//!   unix datagram socket port (`vhost-dirtylog-net --socket-port PATH`; pair `k > 0` at
+//!   `PATH.k`), at [`NetOptions::rate`] frames per second per pair with sizes in the
+//!   `--frame-size` range; `tap:NAME[@NETNS]` sends them through an `AF_PACKET` socket bound
+//!   to the backend's TAP interface inside its network namespace (one wire for all pairs: the
+//!   kernel picks the TAP queue, so each RX queue accepts frames of any pair, and the kernel's
+//!   own frames on the TAP are counted as foreign); `none` leaves the traffic to the backend
+//!   (e.g. `dpdk-testpmd --forward-mode=txonly`). Injection never pauses: frames keep arriving through the final
+//!   `GET_VRING_BASE` / `SET_VRING_ENABLE(0)` and the settle time, so a backend that still
+//!   writes a stopped RX ring is caught (pages marked too late, used entries after the stop).
+//! - **Lost pages by kind**: `rx-buffer`, `rx-used-ring` (the used ring with its
+//!   `avail_event`, placed on a page of its own), `tx-used-ring`, `other`
+//!   ([`Report::lost_rx_buffer`] and the fields after it), and the frame figures in
+//!   [`Report::net`]. `--bench` measures frames per second into the RX rings with logging
+//!   off and on ([`bench_net`]).
+//!
 //! ## Why the guest's own writes do not count against the backend
 //! The in-process guest driver writes guest memory too (descriptors, ring indices, request
 //! headers, data to be written). In a real VM the hypervisor's dirty log tracks those, not the
@@ -95,11 +129,13 @@
 //! only declares the files and re-exports the public items).
 //!
 //! ```text
-//! session  (run: the VMM thread)   -> fault pool worker rig report dest plan options error
+//! session  (run: the VMM thread)   -> fault pool worker traffic rig report dest plan options error
 //! bench    (bench: logging cost)   -> pool rig plan options error
 //! fault    (schedule, injection)   -> pool worker rig report dest plan options error
-//! pool     (the worker threads)    -> worker rig pattern options error
-//! worker   (one queue's workload)  -> rig pattern options error
+//! pool     (the worker threads)    -> netq worker traffic rig plan pattern options error
+//! netq     (net RX / TX ring work) -> worker traffic rig pattern options error
+//! worker   (shared loop; blk work) -> rig pattern options error
+//! traffic  (net frames, injector)  -> pattern options error
 //! rig      (handshake, RAM, rings) -> report plan pattern options error
 //! report   (Report, verdict)       -> dest options error
 //! dest     (bitmap, copy, compare) -> error
@@ -114,9 +150,10 @@
 //!
 //! ```text
 //! session --> fault --> pool --> worker --> rig --> report --> dest
-//!                        ^                  |  \
-//!   bench ---------------'                  |   '--> plan, pattern
-//!                                           '--> options --> layout
+//!                        ^  \        ^       |  \
+//!   bench ---------------'   '-> netq '       |   '--> plan, pattern
+//!                                 \           '--> options --> layout
+//!                                  '--> traffic
 //! ```
 
 mod bench;
@@ -124,6 +161,7 @@ mod dest;
 mod error;
 mod fault;
 mod layout;
+mod netq;
 mod options;
 mod pattern;
 mod plan;
@@ -131,15 +169,22 @@ mod pool;
 mod report;
 mod rig;
 mod session;
+mod traffic;
 mod worker;
 
-pub use bench::{bench, BenchOptions, BenchPhase, BenchReport};
+pub use bench::{
+    bench, bench_net, BenchOptions, BenchPhase, BenchReport, NetBenchReport, NetBenchSize,
+    RmwCounter,
+};
 pub use dest::VmmStats;
 pub use error::{
     CheckError, EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL, EXIT_UNSUPPORTED, EXIT_USAGE,
 };
 pub use layout::{default_layout, parse_layout, parse_size};
-pub use options::{CheckOptions, Fault, SyncMode, VmmStyle, Workload};
+pub use options::{
+    parse_frame_range, CheckOptions, Device, Fault, NetOptions, SyncMode, Traffic, VmmStyle,
+    Workload,
+};
 pub use pattern::write_image;
-pub use report::{group, BackendInfo, FaultRecord, LostPage, Report, StopStats};
+pub use report::{group, BackendInfo, FaultRecord, LostPage, NetStats, Report, StopStats};
 pub use session::run;

@@ -245,14 +245,180 @@ impl FromStr for VmmStyle {
     }
 }
 
+/// The kind of device the checker drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Device {
+    /// virtio-blk (virtio spec 5.2): random reads (and writes) against a disk pattern.
+    Blk,
+    /// virtio-net (virtio spec 5.1): queue pairs, mergeable RX buffers, TX frames.
+    Net,
+}
+
+impl Device {
+    /// Both devices, in the order the command line lists them.
+    pub const ALL: [Device; 2] = [Device::Blk, Device::Net];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Blk => "blk",
+            Device::Net => "net",
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Device {
+    type Err = String;
+
+    /// Parses `blk` or `net`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Device::ALL
+            .into_iter()
+            .find(|d| d.name() == s.trim())
+            .ok_or_else(|| format!("unknown device {s:?} (blk, net)"))
+    }
+}
+
+/// Where the frames a net backend delivers into the guest come from (`--traffic`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Traffic {
+    /// The backend makes its own traffic (e.g. `dpdk-testpmd --forward-mode=txonly`): the
+    /// checker injects nothing, sends no TX frames, and does not check frame contents.
+    None,
+    /// The backend's unix datagram socket port (one Ethernet frame per datagram, no virtio-net
+    /// header; `vhost-dirtylog-net --socket-port PATH`, QEMU's `-netdev dgram` framing): the
+    /// checker sends frames to `PATH` (pair `k > 0`: `PATH.k`) from a socket of its own, where
+    /// the backend's TX frames arrive and are counted.
+    Socket(PathBuf),
+    /// A TAP interface the backend serves (`vhost-dirtylog-net --tap NAME`, QEMU's tap
+    /// netdev, DPDK's `net_tap`): frames are injected with an `AF_PACKET` socket bound to it,
+    /// inside network namespace `netns` (a name under `/var/run/netns`, as `ip netns` makes
+    /// them, or a path such as `/proc/PID/ns/net`) if given; the interface is set up if it is
+    /// down. The guest's TX frames are counted as they come out of the interface.
+    Tap {
+        /// The interface name.
+        name: String,
+        /// The network namespace it lives in (`None`: the checker's own).
+        netns: Option<String>,
+    },
+}
+
+impl Traffic {
+    /// Parses `none`, `socket:PATH` or `tap:NAME[@NETNS]`.
+    pub fn parse(s: &str) -> Result<Traffic, String> {
+        let s = s.trim();
+        if s == "none" {
+            return Ok(Traffic::None);
+        }
+        if let Some(p) = s.strip_prefix("socket:") {
+            if p.is_empty() {
+                return Err("--traffic socket:PATH needs a path".into());
+            }
+            return Ok(Traffic::Socket(PathBuf::from(p)));
+        }
+        if let Some(t) = s.strip_prefix("tap:") {
+            let (name, netns) = match t.split_once('@') {
+                Some((n, ns)) => (n, Some(ns.to_string())),
+                None => (t, None),
+            };
+            if name.is_empty() || name.len() >= 16 || netns.as_deref() == Some("") {
+                return Err(format!(
+                    "--traffic {s:?}: expected tap:NAME or tap:NAME@NETNS (NAME at most 15 bytes)"
+                ));
+            }
+            return Ok(Traffic::Tap {
+                name: name.to_string(),
+                netns,
+            });
+        }
+        Err(format!(
+            "unknown traffic source {s:?} (socket:PATH, tap:NAME[@NETNS], none)"
+        ))
+    }
+}
+
+impl fmt::Display for Traffic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Traffic::None => f.write_str("none"),
+            Traffic::Socket(p) => write!(f, "socket:{}", p.display()),
+            Traffic::Tap { name, netns: None } => write!(f, "tap:{name}"),
+            Traffic::Tap {
+                name,
+                netns: Some(ns),
+            } => write!(f, "tap:{name}@{ns}"),
+        }
+    }
+}
+
+/// The net workload's settings ([`CheckOptions::net`]; used with [`Device::Net`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetOptions {
+    /// The traffic source.
+    pub traffic: Traffic,
+    /// Smallest frame in bytes (Ethernet header and payload, no virtio-net header).
+    pub frame_min: u32,
+    /// Largest frame in bytes.
+    pub frame_max: u32,
+    /// Bytes per RX buffer (one descriptor each, posted as mergeable RX buffers, virtio spec
+    /// 5.1.6.3.1): frames longer than this minus the 12-byte header span several buffers.
+    pub rx_buf: u32,
+    /// Frames per second injected per queue pair (and sent through each TX queue); 0: as
+    /// fast as the port takes them.
+    pub rate: u64,
+    /// The guest sends TX frames (default on when the checker injects traffic).
+    pub tx: bool,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            traffic: Traffic::None,
+            frame_min: 60,
+            frame_max: 1514,
+            rx_buf: 1024,
+            rate: 20_000,
+            tx: true,
+        }
+    }
+}
+
+/// Parses a frame size range `MIN..MAX` (or one size `N`), in bytes.
+pub fn parse_frame_range(s: &str) -> Result<(u32, u32), String> {
+    let s = s.trim();
+    let (a, b) = s.split_once("..").unwrap_or((s, s));
+    let p = |x: &str| {
+        x.trim().parse::<u32>().map_err(|_| {
+            format!("invalid frame size range {s:?}: expected MIN..MAX, e.g. 60..1514")
+        })
+    };
+    let (a, b) = (p(a)?, p(b)?);
+    if a > b {
+        return Err(format!("frame size range {s:?}: MIN is larger than MAX"));
+    }
+    Ok((a, b))
+}
+
 /// Everything a check run needs; [`CheckOptions::new`] gives the defaults.
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
     /// The backend's vhost-user socket.
     pub socket: PathBuf,
+    /// The device type the backend serves.
+    pub device: Device,
+    /// The net workload (with [`Device::Net`]).
+    pub net: NetOptions,
     /// Guest RAM regions (sorted or not; must not overlap). The first holds the rings.
     pub layout: Vec<RegionSpec>,
-    /// Queues to drive; `None`: up to 2, as many as the backend has.
+    /// Queues to drive (net: queue pairs); `None`: up to 2, as many as the backend has.
     pub queues: Option<u16>,
     /// Entries per queue.
     pub queue_size: u16,
@@ -324,6 +490,8 @@ impl CheckOptions {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         CheckOptions {
             socket: socket.into(),
+            device: Device::Blk,
+            net: NetOptions::default(),
             layout: default_layout(64 << 20, 3).unwrap_or_default(),
             queues: None,
             queue_size: 256,
@@ -402,6 +570,15 @@ impl CheckOptions {
         }
         if self.deferred && self.sync_mode() == SyncMode::Flip {
             return bad("--deferred clears the log it fetched: it works with --sync swap only");
+        }
+        if self.device == Device::Net {
+            let n = &self.net;
+            if n.frame_min < 60 || n.frame_max > 9216 || n.frame_min > n.frame_max {
+                return bad("--frame-size must lie within 60..9216 bytes, MIN <= MAX");
+            }
+            if n.rx_buf < 64 || n.rx_buf > 8192 || !n.rx_buf.is_multiple_of(8) {
+                return bad("--rx-buf-size must be a multiple of 8 in 64..8192 bytes");
+            }
         }
         Ok(())
     }

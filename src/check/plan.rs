@@ -6,6 +6,7 @@
 //! on its own below.
 
 use super::error::CheckError;
+use super::options::Device;
 use crate::driver::blk::BlkQueue;
 use crate::driver::{QueueLayout, RegionSpec};
 use crate::log::LOG_PAGE_SHIFT;
@@ -18,9 +19,24 @@ pub(super) fn slot_size(max_io: u64) -> u64 {
     max_io.max(4096)
 }
 
+/// Bytes of the scratch area each ring gets: request headers and status bytes (blk), TX frame
+/// slots of [`TX_SLOT`] bytes per entry (net; RX rings get the same, unused, to keep the
+/// arithmetic uniform).
+pub(super) fn scratch_bytes(device: Device, qsize: u16) -> u64 {
+    match device {
+        Device::Blk => BlkQueue::scratch_bytes(qsize),
+        Device::Net => u64::from(qsize) * u64::from(TX_SLOT),
+    }
+}
+
+/// Bytes per TX frame slot of the net workload (a 12-byte virtio-net header and the frame).
+pub(super) const TX_SLOT: u32 = 2048;
+
 /// Where everything lives in guest memory.
 #[derive(Debug, Clone)]
 pub(super) struct MemPlan {
+    /// The device the plan is for (names of page kinds).
+    pub device: Device,
     /// The RAM at start (sorted), including `spare`.
     pub regions: Vec<RegionSpec>,
     /// One layout per queue.
@@ -52,11 +68,21 @@ impl MemPlan {
     }
 
     /// What guest page `page` (a 4 KiB page number) holds, if the plan put control data
-    /// there: `"used-ring"` (a used ring) or `"status"` (request headers and status bytes).
+    /// there. blk: `"used-ring"` (a used ring) or `"status"` (request headers and status
+    /// bytes). net: `"rx-used-ring"` (an RX queue's used ring, `avail_event` included),
+    /// `"tx-used-ring"`, or `"tx-buffer"` (TX frame slots, which only the guest writes).
     /// `None` for data slots and everything else.
     pub fn page_kind(&self, page: u64) -> Option<&'static str> {
-        if self.queues.iter().any(|l| l.used_pages().contains(&page)) {
-            return Some("used-ring");
+        if let Some(i) = self
+            .queues
+            .iter()
+            .position(|l| l.used_pages().contains(&page))
+        {
+            return Some(match (self.device, i % 2) {
+                (Device::Blk, _) => "used-ring",
+                (Device::Net, 0) => "rx-used-ring",
+                (Device::Net, _) => "tx-used-ring",
+            });
         }
         let n = self.scratch_bytes;
         if self
@@ -64,7 +90,10 @@ impl MemPlan {
             .iter()
             .any(|&s| (s >> LOG_PAGE_SHIFT..=(s + n - 1) >> LOG_PAGE_SHIFT).contains(&page))
         {
-            return Some("status");
+            return Some(match self.device {
+                Device::Blk => "status",
+                Device::Net => "tx-buffer",
+            });
         }
         None
     }
@@ -92,8 +121,16 @@ fn place(regions: &[RegionSpec], size: u64) -> RegionSpec {
 /// A queue at `at`; with `isolate_event`, the used ring is placed so that its last field,
 /// `avail_event`, starts a page of its own (split virtqueues only need 4-byte alignment), so a
 /// backend that writes `avail_event` without logging it cannot hide behind the logged used-index
-/// update on the same page.
-fn queue_layout(at: u64, qsize: u16, isolate_event: bool) -> Result<QueueLayout, CheckError> {
+/// update on the same page. With `own_pages` as well, the rest of the used ring (flags, index,
+/// elements) starts after the avail ring's last page, so no guest write (the avail ring,
+/// `used_event`) shares a page with it either: an unlogged used-element write is not hidden
+/// by the guest's next avail update (net: the RX queue is reposted after every frame).
+fn queue_layout(
+    at: u64,
+    qsize: u16,
+    isolate_event: bool,
+    own_pages: bool,
+) -> Result<QueueLayout, CheckError> {
     let l = QueueLayout::new(at, qsize).map_err(|e| CheckError::Invalid(e.to_string()))?;
     if !isolate_event {
         return Ok(l);
@@ -101,7 +138,11 @@ fn queue_layout(at: u64, qsize: u16, isolate_event: bool) -> Result<QueueLayout,
     // flags, idx, ring[N]: everything before avail_event.
     let ring = 4 + 8 * u64::from(qsize);
     let avail_end = l.avail + QueueLayout::avail_bytes(qsize);
-    let used = (avail_end + ring).next_multiple_of(4096) - ring;
+    let used = if own_pages {
+        avail_end.next_multiple_of(4096) + ring.next_multiple_of(4096) - ring
+    } else {
+        (avail_end + ring).next_multiple_of(4096) - ring
+    };
     Ok(QueueLayout { used, ..l })
 }
 
@@ -116,9 +157,11 @@ fn slots_in(gpa: u64, end: u64, slot: u64) -> Vec<u64> {
 }
 
 /// Lays out `nq` queues of `qsize` entries (see [`queue_layout`] for `isolate_event`),
-/// scratch areas and data slots of `slot` bytes in `layout`; with `hotplug` (the memory-table
-/// fault will run) adds the spare and hot regions.
+/// scratch areas ([`scratch_bytes`] of `device`) and data slots of `slot` bytes in `layout`;
+/// with `hotplug` (the memory-table fault will run) adds the spare and hot regions.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn plan(
+    device: Device,
     layout: &[RegionSpec],
     nq: u16,
     qsize: u16,
@@ -150,14 +193,14 @@ pub(super) fn plan(
     let mut at = r0.gpa;
     let mut queues = Vec::new();
     for _ in 0..nq {
-        let l = queue_layout(at, qsize, isolate_event)?;
+        let l = queue_layout(at, qsize, isolate_event, device == Device::Net)?;
         queues.push(l);
         at = l.end().next_multiple_of(4096);
     }
     let mut scratch = Vec::new();
     for _ in 0..nq {
         scratch.push(at);
-        at = (at + BlkQueue::scratch_bytes(qsize)).next_multiple_of(4096);
+        at = (at + scratch_bytes(device, qsize)).next_multiple_of(4096);
     }
     let control_end = at.next_multiple_of(64 * KIB);
     if control_end > r0.end() {
@@ -197,10 +240,11 @@ pub(super) fn plan(
         hot = Some(h);
     }
     Ok(MemPlan {
+        device,
         regions,
         queues,
         scratch,
-        scratch_bytes: BlkQueue::scratch_bytes(qsize),
+        scratch_bytes: scratch_bytes(device, qsize),
         slots,
         slot,
         spare,
@@ -217,7 +261,7 @@ mod tests {
     #[test]
     fn plan_places_everything_without_overlap() {
         let layout = default_layout(48 << 20, 3).unwrap();
-        let p = plan(&layout, 2, 256, true, 128 << 10, true).unwrap();
+        let p = plan(Device::Blk, &layout, 2, 256, true, 128 << 10, true).unwrap();
         // avail_event (the last 2 bytes of the used ring) starts a page.
         for l in &p.queues {
             assert_eq!((l.end() - 2) % 4096, 0, "{l:?}");
@@ -252,6 +296,7 @@ mod tests {
         assert!(p.max_gpa_end() >= hot.end());
         // Too small a first region is a clear error.
         assert!(plan(
+            Device::Blk,
             &[RegionSpec::new(0, 256 << 10)],
             4,
             256,
@@ -261,14 +306,39 @@ mod tests {
         )
         .is_err());
         // Without isolation the used ring starts a page, as QueueLayout::new puts it.
-        let p = plan(&layout, 1, 256, false, 128 << 10, false).unwrap();
+        let p = plan(Device::Blk, &layout, 1, 256, false, 128 << 10, false).unwrap();
         assert_eq!(p.queues[0], QueueLayout::new(0, 256).unwrap());
+    }
+
+    #[test]
+    fn net_used_rings_share_no_page_with_guest_writes() {
+        let layout = default_layout(48 << 20, 3).unwrap();
+        for qsize in [128u16, 256, 1024] {
+            let p = plan(Device::Net, &layout, 4, qsize, true, 8192, false).unwrap();
+            for l in &p.queues {
+                let avail_last = (l.avail + QueueLayout::avail_bytes(qsize) - 1) >> 12;
+                assert!(l.used >> 12 > avail_last, "{l:?}");
+                assert_eq!((l.end() - 2) % 4096, 0, "{l:?}");
+                assert_eq!(l.used % 4, 0);
+            }
+            for w in p.queues.windows(2) {
+                assert!(w[0].end() <= w[1].desc);
+            }
+        }
+        let p = plan(Device::Net, &layout, 2, 256, true, 8192, false).unwrap();
+        let used = p.queues[1].used_pages();
+        assert_eq!(p.page_kind(*used.start()), Some("tx-used-ring"));
+        assert_eq!(
+            p.page_kind(*p.queues[0].used_pages().end()),
+            Some("rx-used-ring")
+        );
+        assert_eq!(p.page_kind(p.scratch[1] >> 12), Some("tx-buffer"));
     }
 
     #[test]
     fn page_kinds() {
         let layout = default_layout(48 << 20, 3).unwrap();
-        let p = plan(&layout, 2, 256, true, 128 << 10, false).unwrap();
+        let p = plan(Device::Blk, &layout, 2, 256, true, 128 << 10, false).unwrap();
         for l in &p.queues {
             for page in l.used_pages() {
                 assert_eq!(p.page_kind(page), Some("used-ring"));

@@ -1,5 +1,6 @@
-//! The worker pool: one thread per queue running the guest workload (`worker.rs`), and the
-//! VMM thread's handle on them — commands, summed counters, and the join that collects their
+//! The worker pool: one thread per ring running the guest workload (`worker.rs` for blk,
+//! `netq.rs` for net RX and TX rings, each in the shared loop of `worker.rs`), the traffic
+//! injectors of a net run (`traffic.rs`), and the VMM thread's handle on them — commands, summed counters, and the join that collects their
 //! results (the first worker error wins).
 //!
 //! Dropping the pool disconnects the workers' command channels and joins them, so a run that
@@ -12,16 +13,25 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::error::CheckError;
-use super::options::{CheckOptions, Workload};
+use super::netq::{NetRingCfg, RxWork, TxWork};
+use super::options::{CheckOptions, Device, Workload};
 use super::pattern::BLOCK;
-use super::rig::Rig;
-use super::worker::{Cmd, Worker, WorkerCfg, WorkerFinal, WorkerStats};
+use super::plan::TX_SLOT;
+use super::rig::{Rig, Ring};
+use super::traffic::{Injectors, Origin};
+use super::worker::{Cmd, Runner, Worker, WorkerCfg, WorkerFinal, WorkerStats};
 
-/// The workload threads.
+/// What a worker thread returns.
+type WorkerResult = Result<WorkerFinal, CheckError>;
+
+/// The workload threads (one per ring) and, for net, the traffic injectors.
 pub(super) struct Workers {
     tx: Vec<Sender<Cmd>>,
-    handles: Vec<Option<JoinHandle<Result<WorkerFinal, CheckError>>>>,
+    handles: Vec<Option<JoinHandle<WorkerResult>>>,
     stats: Vec<Arc<WorkerStats>>,
+    injectors: Option<Injectors>,
+    /// The rings are net queues (odd ones TX, which use no data slots).
+    net: bool,
 }
 
 impl Workers {
@@ -41,41 +51,134 @@ impl Workers {
             tx: Vec::new(),
             handles: Vec::new(),
             stats: Vec::new(),
+            injectors: None,
+            net: opts.device == Device::Net,
         };
-        for (i, q) in std::mem::take(&mut s.queues).into_iter().enumerate() {
-            let (disk_first, disk_len) = disk_share(opts.workload, span, nq, i);
-            let cfg = WorkerCfg {
-                index: i,
-                workload: opts.workload,
-                depth: s.depth,
-                min_io: opts.min_io,
-                max_io: s.max_req.min(disk_len),
-                max_segs: s.max_segs,
-                max_seg_len: s.max_seg_len,
-                align,
-                slot: s.plan.slot,
-                disk_first,
-                disk_len,
-                salt: s.salt,
-                seed: opts.seed,
-                verify,
-                track,
-                timeout: opts.timeout,
-                stall_timeout: opts.stall_timeout,
-            };
-            let slots = share(&s.plan.slots, i, nq);
+        let origin = Origin::new(s.salt);
+        if opts.device == Device::Net {
+            w.injectors = Injectors::start(&opts.net, s.pairs, origin, opts.seed)?;
+        }
+        let pairs = usize::from(s.pairs.max(1));
+        for (i, ring) in std::mem::take(&mut s.queues).into_iter().enumerate() {
             let (tx, rx) = channel();
             let stats = Arc::new(WorkerStats::default());
-            let worker = Worker::new(cfg, q, slots, s.shared.clone(), rx, stats.clone());
-            let h = std::thread::Builder::new()
-                .name(format!("check-queue-{i}"))
-                .spawn(move || worker.run())
-                .map_err(|e| CheckError::Setup(format!("cannot start a worker thread: {e}")))?;
+            let spawn = |name: String, f: Box<dyn FnOnce() -> WorkerResult + Send>| {
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(f)
+                    .map_err(|e| CheckError::Setup(format!("cannot start a worker thread: {e}")))
+            };
+            let h = match ring {
+                Ring::Blk(q) => {
+                    let (disk_first, disk_len) = disk_share(opts.workload, span, nq, i);
+                    let cfg = WorkerCfg {
+                        index: i,
+                        workload: opts.workload,
+                        depth: s.depth,
+                        min_io: opts.min_io,
+                        max_io: s.max_req.min(disk_len),
+                        max_segs: s.max_segs,
+                        max_seg_len: s.max_seg_len,
+                        align,
+                        slot: s.plan.slot,
+                        disk_first,
+                        disk_len,
+                        salt: s.salt,
+                        seed: opts.seed,
+                        verify,
+                        track,
+                    };
+                    let slots = share(&s.plan.slots, i, nq);
+                    let work = Worker::new(cfg, q, slots, s.shared.clone(), stats.clone());
+                    let r =
+                        Runner::new(work, s.shared.clone(), rx, opts.timeout, opts.stall_timeout);
+                    spawn(format!("check-queue-{i}"), Box::new(move || r.run()))?
+                }
+                Ring::Net(q) => {
+                    let mut net = opts.net.clone();
+                    net.rx_buf = s.rx_buf;
+                    let cfg = NetRingCfg {
+                        index: i,
+                        net,
+                        slot: s.plan.slot,
+                        salt: s.salt,
+                        origin,
+                        seed: opts.seed,
+                        verify: verify && w.injectors.is_some(),
+                        per_pair: w.injectors.as_ref().is_some_and(Injectors::per_pair),
+                        pairs: s.pairs,
+                        track,
+                    };
+                    let pair = i / 2;
+                    if i.is_multiple_of(2) {
+                        let slots = share(&s.plan.slots, pair, pairs);
+                        let port = w
+                            .injectors
+                            .as_ref()
+                            .and_then(|j| j.stats.get(pair).cloned());
+                        let work =
+                            RxWork::new(cfg, q, slots, s.shared.clone(), stats.clone(), port);
+                        let r = Runner::new(
+                            work,
+                            s.shared.clone(),
+                            rx,
+                            opts.timeout,
+                            opts.stall_timeout,
+                        );
+                        spawn(format!("check-rx-{pair}"), Box::new(move || r.run()))?
+                    } else {
+                        let mut cfg = cfg;
+                        cfg.net.tx &= w.injectors.is_some();
+                        let work = TxWork::new(
+                            cfg,
+                            q,
+                            s.plan.scratch[i],
+                            TX_SLOT,
+                            s.shared.clone(),
+                            stats.clone(),
+                        );
+                        let r = Runner::new(
+                            work,
+                            s.shared.clone(),
+                            rx,
+                            opts.timeout,
+                            opts.stall_timeout,
+                        );
+                        spawn(format!("check-tx-{pair}"), Box::new(move || r.run()))?
+                    }
+                }
+            };
             w.tx.push(tx);
             w.handles.push(Some(h));
             w.stats.push(stats);
         }
         Ok(w)
+    }
+
+    /// The workers that put buffers in data slots (blk queues, net RX queues), by index.
+    pub fn slot_takers(&self) -> Vec<usize> {
+        (0..self.len())
+            .filter(|&i| !self.net || i.is_multiple_of(2))
+            .collect()
+    }
+
+    /// The injectors, if the checker makes the traffic.
+    pub fn injectors(&self) -> Option<&Injectors> {
+        self.injectors.as_ref()
+    }
+
+    /// Sum of a counter over the workers of the rings `filter` selects (by index).
+    pub fn sum_where(
+        &self,
+        filter: impl Fn(usize) -> bool,
+        f: impl Fn(&WorkerStats) -> &AtomicU64,
+    ) -> u64 {
+        self.stats
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| filter(*i))
+            .map(|(_, s)| f(s).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Workers (queues) in the pool.
@@ -114,6 +217,14 @@ impl Workers {
                 Err(_) => {
                     err.get_or_insert(CheckError::Setup("a worker thread panicked".into()));
                 }
+            }
+        }
+        if let Some(j) = &mut self.injectors {
+            j.stop();
+            if !j.samples.is_empty() {
+                out.push(WorkerFinal {
+                    samples: std::mem::take(&mut j.samples),
+                });
             }
         }
         match err {

@@ -8,7 +8,7 @@ use std::fmt::Write;
 
 use super::dest::VmmStats;
 use super::error::{EXIT_DATA, EXIT_LOST, EXIT_OK, EXIT_PROTOCOL};
-use super::options::{Fault, SyncMode, VmmStyle, Workload};
+use super::options::{Device, Fault, SyncMode, VmmStyle, Workload};
 use crate::log::LOG_PAGE_SHIFT;
 
 /// Lost pages listed one by one in a report ([`Report::lost_samples`]).
@@ -37,6 +37,47 @@ pub struct BackendInfo {
     pub mem_slots: bool,
     /// `VHOST_USER_PROTOCOL_F_REPLY_ACK` negotiated (every message waits for its ack).
     pub reply_ack: bool,
+    /// net: `VIRTIO_NET_F_MRG_RXBUF` negotiated (frames may span several RX buffers).
+    pub mergeable_rx: bool,
+    /// net: the MAC address in the config space, if the backend has one.
+    pub mac: Option<String>,
+}
+
+/// The net workload's figures ([`Report::net`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NetStats {
+    /// Queue pairs driven.
+    pub pairs: u16,
+    /// Where the frames came from (`none`, `socket:PATH`).
+    pub traffic: String,
+    /// Bytes per RX buffer.
+    pub rx_buf: u32,
+    /// Frames received in the RX queues during the migration.
+    pub rx_frames: u64,
+    /// Frame bytes received (without virtio-net headers).
+    pub rx_bytes: u64,
+    /// RX buffers those frames used.
+    pub rx_buffers: u64,
+    /// Frames spread over more than one RX buffer (mergeable RX buffers in use).
+    pub rx_merged: u64,
+    /// Gaps in the received sequence numbers (frames dropped between the injector and the
+    /// guest, e.g. by a full port: not an error).
+    pub rx_seq_gaps: u64,
+    /// Frames not made by this run (an earlier run's still queued in a socket port; a TAP's
+    /// own traffic such as IPv6 router solicitations): counted, not checked.
+    pub rx_foreign: u64,
+    /// RX frames per second.
+    pub rx_fps: f64,
+    /// Frames the checker's guest sent through the TX queues (completed).
+    pub tx_frames: u64,
+    /// Frames the backend's port accepted from the injector (whole run).
+    pub injected: u64,
+    /// Injections refused by a full port (retried).
+    pub port_full: u64,
+    /// The guest's TX frames that came out of the backend's port intact (whole run).
+    pub tx_at_port: u64,
+    /// Frames out of the port that were not intact TX frames.
+    pub tx_bad_at_port: u64,
 }
 
 /// One injected fault.
@@ -57,8 +98,9 @@ pub struct FaultRecord {
 pub struct LostPage {
     /// Guest-physical address (hex).
     pub gpa: String,
-    /// What the page holds: `data` (a request buffer), `status` (request headers and status
-    /// bytes), `used-ring`, `other`.
+    /// What the page holds. blk: `data` (a request buffer), `status` (request headers and
+    /// status bytes), `used-ring`; net: `rx-buffer`, `rx-used-ring` (`avail_event`
+    /// included), `tx-used-ring`, `tx-buffer`; `other`.
     pub kind: &'static str,
     /// The backend's log had the page marked *after* the final sync: the write and mark came
     /// after the ring was stopped, too late for the migration.
@@ -88,6 +130,8 @@ pub struct StopStats {
 /// The result of a check run (the `--json` output).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
+    /// The device type driven.
+    pub device: Device,
     /// The backend.
     pub backend: BackendInfo,
     /// Guest RAM at the start, as `(gpa, size)`.
@@ -148,8 +192,18 @@ pub struct Report {
     pub lost_data: u64,
     /// Lost pages holding request headers / status bytes.
     pub lost_status: u64,
-    /// Lost pages of used rings.
+    /// Lost pages of used rings (blk).
     pub lost_used_ring: u64,
+    /// net: lost pages of RX buffers.
+    pub lost_rx_buffer: u64,
+    /// net: lost pages of RX used rings (`avail_event` included).
+    pub lost_rx_used_ring: u64,
+    /// net: lost pages of TX used rings.
+    pub lost_tx_used_ring: u64,
+    /// Lost pages of no kind above.
+    pub lost_other: u64,
+    /// net: the frames.
+    pub net: Option<NetStats>,
     /// The first lost pages.
     pub lost_samples: Vec<LostPage>,
     /// Behaviour around the final stop.
@@ -208,7 +262,10 @@ impl Report {
                 "data" => self.lost_data += 1,
                 "status" => self.lost_status += 1,
                 "used-ring" => self.lost_used_ring += 1,
-                _ => {}
+                "rx-buffer" => self.lost_rx_buffer += 1,
+                "rx-used-ring" => self.lost_rx_used_ring += 1,
+                "tx-used-ring" => self.lost_tx_used_ring += 1,
+                _ => self.lost_other += 1,
             }
             if self.lost_samples.len() < LOST_SAMPLES {
                 self.lost_samples.push(LostPage {
@@ -260,6 +317,14 @@ impl Report {
                 ),
                 EXIT_PROTOCOL,
             )
+        } else if (self.data_errors > 0 || self.io_errors > 0) && self.device == Device::Net {
+            (
+                format!(
+                    "FAIL: 0 lost pages, but {} frame(s) arrived damaged, duplicated or out of order",
+                    self.data_errors
+                ),
+                EXIT_DATA,
+            )
         } else if self.data_errors > 0 || self.io_errors > 0 {
             (
                 format!(
@@ -284,20 +349,84 @@ impl Report {
         let b = &self.backend;
         let ram: u64 = self.layout.iter().map(|r| r.1).sum();
         let _ = writeln!(s, "vhost-dirtylog-check: {}", b.socket);
-        let _ = writeln!(
-            s,
-            "  backend    features {}, protocol {}, {} queue(s), disk {}{}",
-            b.features,
-            b.protocol_features,
-            b.queue_num,
-            if b.capacity > 0 {
-                size(b.capacity)
-            } else {
-                "size unknown".into()
-            },
-            if b.read_only { ", read-only" } else { "" }
-        );
-        let _ = writeln!(
+        if let Some(n) = &self.net {
+            let _ = writeln!(
+                s,
+                "  backend    net, features {}, protocol {}, {} queue(s){}{}",
+                b.features,
+                b.protocol_features,
+                b.queue_num,
+                if b.mergeable_rx {
+                    ", mergeable RX buffers"
+                } else {
+                    ", no mergeable RX buffers"
+                },
+                b.mac
+                    .as_ref()
+                    .map_or(String::new(), |m| format!(", MAC {m}"))
+            );
+            let _ = writeln!(
+                s,
+                "  guest      {} in {} region(s), {} queue pair(s) of {} entries, RX buffers of {} bytes, traffic {}",
+                size(ram),
+                self.layout.len(),
+                n.pairs,
+                self.queue_size,
+                n.rx_buf,
+                n.traffic
+            );
+            let _ = writeln!(
+                s,
+                "  frames     RX {} ({} MiB, {} buffers, {} spread over several, {} sequence gaps{}) in {:.2} s: {} frames/s; TX {} sent by the guest",
+                group(n.rx_frames),
+                n.rx_bytes >> 20,
+                group(n.rx_buffers),
+                group(n.rx_merged),
+                group(n.rx_seq_gaps),
+                if n.rx_foreign > 0 {
+                    format!(", {} foreign", group(n.rx_foreign))
+                } else {
+                    String::new()
+                },
+                self.elapsed_s,
+                group(n.rx_fps as u64),
+                group(n.tx_frames)
+            );
+            if n.rx_frames == 0 {
+                let _ = writeln!(
+                    s,
+                    "  note       no frame arrived in the RX queues: the RX path was not exercised (--traffic)"
+                );
+            }
+            if n.traffic != "none" {
+                let _ = writeln!(
+                    s,
+                    "  port       {} frames injected ({} refused by a full port), {} of the guest's TX frames came out intact{}",
+                    group(n.injected),
+                    group(n.port_full),
+                    group(n.tx_at_port),
+                    if n.tx_bad_at_port > 0 {
+                        format!(", {} damaged", n.tx_bad_at_port)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        } else {
+            let _ = writeln!(
+                s,
+                "  backend    features {}, protocol {}, {} queue(s), disk {}{}",
+                b.features,
+                b.protocol_features,
+                b.queue_num,
+                if b.capacity > 0 {
+                    size(b.capacity)
+                } else {
+                    "size unknown".into()
+                },
+                if b.read_only { ", read-only" } else { "" }
+            );
+            let _ = writeln!(
             s,
             "  guest      {} in {} region(s), {} queue(s) x {} requests in flight, {} workload over {} of disk",
             size(ram),
@@ -307,7 +436,7 @@ impl Report {
             self.workload.name(),
             size(b.span)
         );
-        let _ = writeln!(
+            let _ = writeln!(
             s,
             "  workload   {} requests ({} reads, {} writes), {} MiB in {:.2} s: {} IOPS, {:.1} MiB/s",
             group(self.requests),
@@ -318,6 +447,7 @@ impl Report {
             group(self.iops as u64),
             self.mib_s
         );
+        }
         let _ = writeln!(
             s,
             "  device     wrote {} distinct guest pages ({} page writes) while logging was on",
@@ -376,7 +506,20 @@ impl Report {
         if let Some(e) = &st.error {
             let _ = writeln!(s, "             the backend failed during the stop: {e}");
         }
-        if self.data_errors == 0 && self.io_errors == 0 {
+        if self.net.is_some() {
+            let _ = writeln!(
+                s,
+                "  data       {}",
+                if self.data_errors == 0 {
+                    "every received frame was intact and in order".to_string()
+                } else {
+                    format!(
+                        "{} frame(s) damaged, duplicated or out of order",
+                        self.data_errors
+                    )
+                }
+            );
+        } else if self.data_errors == 0 && self.io_errors == 0 {
             let _ = writeln!(
                 s,
                 "  data       every completed read held the expected disk data"
@@ -391,7 +534,21 @@ impl Report {
         for x in &self.samples {
             let _ = writeln!(s, "             {x}");
         }
-        let _ = writeln!(
+        if self.net.is_some() {
+            let _ = writeln!(
+                s,
+                "  compared   {} guest pages byte for byte: {} lost ({} never marked, {} marked too late; {} RX buffer, {} RX used ring, {} TX used ring, {} other)",
+                group(self.ram_pages),
+                self.lost_pages,
+                self.lost_unmarked,
+                self.lost_late,
+                self.lost_rx_buffer,
+                self.lost_rx_used_ring,
+                self.lost_tx_used_ring,
+                self.lost_other
+            );
+        } else {
+            let _ = writeln!(
             s,
             "  compared   {} guest pages byte for byte: {} lost ({} never marked, {} marked too late; {} data, {} status, {} used ring)",
             group(self.ram_pages),
@@ -402,6 +559,7 @@ impl Report {
             self.lost_status,
             self.lost_used_ring
         );
+        }
         for l in &self.lost_samples {
             let _ = writeln!(
                 s,
@@ -436,6 +594,7 @@ mod tests {
 
     fn blank() -> Report {
         Report {
+            device: Device::Blk,
             backend: BackendInfo::default(),
             layout: vec![(0, 64 << 20)],
             queues: 1,
@@ -467,6 +626,11 @@ mod tests {
             lost_data: 0,
             lost_status: 0,
             lost_used_ring: 0,
+            lost_rx_buffer: 0,
+            lost_rx_used_ring: 0,
+            lost_tx_used_ring: 0,
+            lost_other: 0,
+            net: None,
             lost_samples: Vec::new(),
             stop: StopStats::default(),
             fault_log: Vec::new(),
@@ -511,6 +675,51 @@ mod tests {
         r.tally_lost(&[5], |_| ("data", false));
         r.conclude();
         assert_eq!(r.exit_code, EXIT_LOST);
+    }
+
+    #[test]
+    fn net_reports_name_net_kinds() {
+        let mut r = blank();
+        r.device = Device::Net;
+        r.net = Some(NetStats {
+            pairs: 2,
+            traffic: "none".into(),
+            ..NetStats::default()
+        });
+        let kinds = [
+            "rx-buffer",
+            "rx-used-ring",
+            "tx-used-ring",
+            "tx-buffer",
+            "rx-buffer",
+        ];
+        r.tally_lost(&[1, 2, 3, 4, 5], |p| (kinds[p as usize - 1], false));
+        assert_eq!(
+            (
+                r.lost_rx_buffer,
+                r.lost_rx_used_ring,
+                r.lost_tx_used_ring,
+                r.lost_other
+            ),
+            (2, 1, 1, 1)
+        );
+        let s = r.summary();
+        assert!(
+            s.contains("5 lost (5 never marked, 0 marked too late; 2 RX buffer, 1 RX used ring, 1 TX used ring, 1 other)"),
+            "{s}"
+        );
+        assert!(s.contains("the RX path was not exercised"), "{s}");
+        let mut r = blank();
+        r.device = Device::Net;
+        r.net = Some(NetStats::default());
+        r.data_errors = 3;
+        r.conclude();
+        assert_eq!(r.exit_code, EXIT_DATA);
+        assert!(
+            r.verdict.contains("3 frame(s) arrived damaged"),
+            "{}",
+            r.verdict
+        );
     }
 
     #[test]

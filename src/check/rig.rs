@@ -14,14 +14,17 @@ use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
 };
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
 
 use super::error::{proto, vmm_err, CheckError};
-use super::options::{CheckOptions, Fault, Workload};
+use super::options::{CheckOptions, Device, Fault, Workload};
 use super::pattern::{self, BLOCK};
 use super::plan::{plan, MemPlan};
 use super::report::BackendInfo;
 use crate::driver::blk::{BlkConfigInfo, BlkOp, BlkStatus};
-use crate::driver::{BlkQueue, Connection, DriverError, GuestRam, QueueLayout};
+use crate::driver::net::{self as netdrv, NetConfigInfo};
+use crate::driver::{BlkQueue, Connection, DriverError, GuestRam, QueueLayout, SplitQueue};
 use crate::log::{log_size_for, LogRegion, LOG_PAGE_SIZE};
 use crate::vmm::MigrationBitmap;
 
@@ -39,19 +42,35 @@ pub(super) struct Shared {
     pub barrier: bool,
 }
 
-/// The handshake of a run (and of a reconnect): [`Connection::negotiate_blk`]'s features, less
-/// `REPLY_ACK` unless `reply_ack`.
-pub(super) fn negotiate(conn: &mut Connection, reply_ack: bool) -> Result<u64, DriverError> {
+/// The handshake of a run (and of a reconnect), `REPLY_ACK` only if `reply_ack`. blk:
+/// [`Connection::negotiate_blk`]'s features (everything offered but `LOG_ALL`); net: what the
+/// net driver handles ([`net::DRIVER_FEATURES`](crate::driver::net::DRIVER_FEATURES): no
+/// offloads), and the protocol features `MQ`, `LOG_SHMFD`, `CONFIG`, `CONFIGURE_MEM_SLOTS`.
+pub(super) fn negotiate(
+    conn: &mut Connection,
+    device: Device,
+    reply_ack: bool,
+) -> Result<u64, DriverError> {
+    let mut protocol = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
     if reply_ack {
-        return conn.negotiate_blk();
+        protocol |= VhostUserProtocolFeatures::REPLY_ACK;
     }
-    conn.negotiate(
-        !VhostUserVirtioFeatures::LOG_ALL.bits(),
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::LOG_SHMFD
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
-    )
+    let want = match device {
+        Device::Blk => !0,
+        Device::Net => netdrv::DRIVER_FEATURES,
+    };
+    conn.negotiate(want & !VhostUserVirtioFeatures::LOG_ALL.bits(), protocol)
+}
+
+/// A started ring, before a worker takes it.
+pub(super) enum Ring {
+    /// A virtio-blk request queue.
+    Blk(BlkQueue),
+    /// A virtio-net queue (even index: RX of pair `index / 2`; odd: its TX).
+    Net(SplitQueue),
 }
 
 impl Shared {
@@ -171,7 +190,11 @@ pub(super) struct Rig {
     pub shared: Arc<Shared>,
     pub plan: MemPlan,
     /// The started rings, one per queue (taken by the worker pool).
-    pub queues: Vec<BlkQueue>,
+    pub queues: Vec<Ring>,
+    /// net: queue pairs driven (0 for blk).
+    pub pairs: u16,
+    /// net: the RX buffer size in effect (bytes).
+    pub rx_buf: u32,
     pub backend: BackendInfo,
     /// The emulated hypervisor log of the guest's own writes.
     pub kvm: Arc<LogRegion>,
@@ -214,9 +237,182 @@ impl Rig {
             .map_err(|e| proto(&format!("cannot connect to {sock}"), e))?;
         conn.set_timeout(Some(opts.timeout))
             .map_err(|e| CheckError::Setup(format!("watchdog: {e}")))?;
-        negotiate(&mut conn, opts.reply_ack).map_err(|e| proto("feature negotiation", e))?;
+        negotiate(&mut conn, opts.device, opts.reply_ack)
+            .map_err(|e| proto("feature negotiation", e))?;
         let offered = conn.offered_features();
         require_logging(offered, conn.offered_protocol_features())?;
+        match opts.device {
+            Device::Blk => Self::blk(opts, slot, conn, sock),
+            Device::Net => Self::net(opts, conn, sock),
+        }
+    }
+
+    /// The net part of [`new`](Self::new): queue pairs, the RX buffer size, the memory plan
+    /// (data slots hold RX buffers; each ring's scratch area TX frame slots), the rings.
+    fn net(opts: &CheckOptions, mut conn: Connection, sock: String) -> Result<Rig, CheckError> {
+        let offered = conn.offered_features();
+        let acked = conn.acked_features();
+        let protocol = conn.protocol_features();
+        let has = |bit: u32| acked & (1u64 << bit) != 0;
+        if !has(VIRTIO_F_VERSION_1) {
+            return Err(CheckError::Unsupported(
+                "it does not offer VIRTIO_F_VERSION_1 (the checker drives virtio 1.x net devices only)"
+                    .into(),
+            ));
+        }
+        let cfg = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let raw = conn.get_config(0, 12).map_err(|e| proto("GET_CONFIG", e))?;
+            Some(NetConfigInfo::parse(&raw))
+        } else {
+            None
+        };
+        let queue_num = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            conn.queue_num()
+        } else {
+            2
+        };
+        // Several pairs need VIRTIO_NET_F_MQ (virtio spec 5.1.6.5.5); the config space may
+        // lower the count.
+        let mut max_pairs = if has(VIRTIO_NET_F_MQ) {
+            (queue_num / 2).max(1)
+        } else {
+            1
+        };
+        if let Some(c) = &cfg {
+            if has(VIRTIO_NET_F_MQ) && c.max_virtqueue_pairs > 0 {
+                max_pairs = max_pairs.min(u64::from(c.max_virtqueue_pairs));
+            }
+        }
+        let pairs = opts.queues.unwrap_or(max_pairs.clamp(1, 2) as u16);
+        if u64::from(pairs) > max_pairs {
+            return Err(CheckError::Invalid(format!(
+                "the backend supports {max_pairs} queue pair(s), {pairs} requested"
+            )));
+        }
+        // Without mergeable RX buffers every frame must fit one buffer (virtio spec
+        // 5.1.6.3.1).
+        let mut rx_buf = opts.net.rx_buf;
+        if !has(VIRTIO_NET_F_MRG_RXBUF) {
+            rx_buf = rx_buf.max((opts.net.frame_max + 12).next_multiple_of(8));
+        }
+        let slot = (2 * u64::from(rx_buf)).next_multiple_of(4096).max(8192);
+        let nq = 2 * pairs;
+        let plan = plan(
+            Device::Net,
+            &opts.layout,
+            nq,
+            opts.queue_size,
+            opts.isolate_avail_event,
+            slot,
+            opts.faults.contains(&Fault::MemTable),
+        )?;
+        let need = 2 * usize::from(opts.queue_size);
+        if plan.slots.len() / usize::from(pairs) < need {
+            return Err(CheckError::Invalid(format!(
+                "not enough guest memory: {} RX buffer slots of {} KiB per queue pair, {need} wanted",
+                plan.slots.len() / usize::from(pairs),
+                slot >> 10
+            )));
+        }
+        let (ram, kvm) = Self::ram(&plan, &mut conn)?;
+        let mut queues = Vec::new();
+        for i in 0..usize::from(nq) {
+            let q = SplitQueue::new(ram.clone(), plan.queues[i], conn.event_idx())
+                .map_err(|e| CheckError::Setup(e.to_string()))?;
+            conn.start_queue(i, &q)
+                .map_err(|e| proto(&format!("starting queue {i}"), e))?;
+            queues.push(Ring::Net(q));
+        }
+        let backend = BackendInfo {
+            socket: sock,
+            features: format!("{offered:#x}"),
+            protocol_features: format!("{:#x}", conn.offered_protocol_features().bits()),
+            queue_num,
+            event_idx: conn.event_idx(),
+            mem_slots: protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+            reply_ack: protocol.contains(VhostUserProtocolFeatures::REPLY_ACK),
+            mergeable_rx: has(VIRTIO_NET_F_MRG_RXBUF),
+            mac: cfg.map(|c| {
+                c.mac
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            }),
+            ..BackendInfo::default()
+        };
+        Self::assemble(
+            opts, conn, ram, kvm, plan, queues, backend, 1, pairs, rx_buf,
+        )
+    }
+
+    /// Guest RAM for `plan` with the emulated hypervisor log of the guest's own writes, handed
+    /// to the backend with `SET_MEM_TABLE`.
+    fn ram(
+        plan: &MemPlan,
+        conn: &mut Connection,
+    ) -> Result<(Arc<GuestRam>, Arc<LogRegion>), CheckError> {
+        let ram =
+            Arc::new(GuestRam::new(&plan.regions).map_err(|e| CheckError::Setup(e.to_string()))?);
+        let kvm_size = log_size_for(plan.max_gpa_end())
+            .ok_or_else(|| CheckError::Invalid("guest memory too large".into()))?;
+        let kvm = Arc::new(
+            LogRegion::anonymous(kvm_size as usize)
+                .map_err(|e| CheckError::Setup(format!("guest dirty log: {e}")))?,
+        );
+        ram.track_writes(Some(kvm.clone()));
+        conn.set_mem_table(&ram)
+            .map_err(|e| proto("SET_MEM_TABLE", e))?;
+        Ok((ram, kvm))
+    }
+
+    /// The rig from its parts (blk's limits default for net).
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        opts: &CheckOptions,
+        conn: Connection,
+        ram: Arc<GuestRam>,
+        kvm: Arc<LogRegion>,
+        plan: MemPlan,
+        queues: Vec<Ring>,
+        backend: BackendInfo,
+        depth: usize,
+        pairs: u16,
+        rx_buf: u32,
+    ) -> Result<Rig, CheckError> {
+        let written =
+            MigrationBitmap::new(plan.max_gpa_end().div_ceil(LOG_PAGE_SIZE)).map_err(vmm_err)?;
+        Ok(Rig {
+            shared: Arc::new(Shared {
+                ram,
+                conn: Mutex::new(Some(conn)),
+                written,
+                logging: AtomicBool::new(false),
+                abort: AtomicBool::new(false),
+                barrier: opts.barrier,
+            }),
+            plan,
+            queues,
+            pairs,
+            rx_buf,
+            backend,
+            kvm,
+            depth,
+            max_segs: 1,
+            max_seg_len: 4096,
+            max_req: 4096,
+            salt: pattern::salt_for(opts.seed),
+        })
+    }
+
+    /// The blk part of [`new`](Self::new).
+    fn blk(
+        opts: &CheckOptions,
+        slot: u64,
+        mut conn: Connection,
+        sock: String,
+    ) -> Result<Rig, CheckError> {
+        let offered = conn.offered_features();
         let acked = conn.acked_features();
         let protocol = conn.protocol_features();
         let cfg = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -300,6 +496,7 @@ impl Rig {
             )));
         }
         let plan = plan(
+            Device::Blk,
             &opts.layout,
             nq,
             opts.queue_size,
@@ -315,17 +512,7 @@ impl Rig {
             depth * max_segs
         )));
         }
-        let ram =
-            Arc::new(GuestRam::new(&plan.regions).map_err(|e| CheckError::Setup(e.to_string()))?);
-        let kvm_size = log_size_for(plan.max_gpa_end())
-            .ok_or_else(|| CheckError::Invalid("guest memory too large".into()))?;
-        let kvm = Arc::new(
-            LogRegion::anonymous(kvm_size as usize)
-                .map_err(|e| CheckError::Setup(format!("guest dirty log: {e}")))?,
-        );
-        ram.track_writes(Some(kvm.clone()));
-        conn.set_mem_table(&ram)
-            .map_err(|e| proto("SET_MEM_TABLE", e))?;
+        let (ram, kvm) = Self::ram(&plan, &mut conn)?;
         let mut queues = Vec::new();
         for i in 0..usize::from(nq) {
             let q = BlkQueue::new(
@@ -337,7 +524,7 @@ impl Rig {
             .map_err(|e| CheckError::Setup(e.to_string()))?;
             conn.start_queue(i, q.queue())
                 .map_err(|e| proto(&format!("starting queue {i}"), e))?;
-            queues.push(q);
+            queues.push(Ring::Blk(q));
         }
         let backend = BackendInfo {
             socket: sock,
@@ -350,28 +537,13 @@ impl Rig {
             event_idx: conn.event_idx(),
             mem_slots: protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
             reply_ack: protocol.contains(VhostUserProtocolFeatures::REPLY_ACK),
+            ..BackendInfo::default()
         };
-        let written =
-            MigrationBitmap::new(plan.max_gpa_end().div_ceil(LOG_PAGE_SIZE)).map_err(vmm_err)?;
-        Ok(Rig {
-            shared: Arc::new(Shared {
-                ram,
-                conn: Mutex::new(Some(conn)),
-                written,
-                logging: AtomicBool::new(false),
-                abort: AtomicBool::new(false),
-                barrier: opts.barrier,
-            }),
-            plan,
-            queues,
-            backend,
-            kvm,
-            depth,
-            max_segs,
-            max_seg_len,
-            max_req: (max_seg_len * max_segs as u64 / BLOCK * BLOCK).min(opts.max_io),
-            salt: pattern::salt_for(opts.seed),
-        })
+        let mut rig = Self::assemble(opts, conn, ram, kvm, plan, queues, backend, depth, 0, 0)?;
+        rig.max_segs = max_segs;
+        rig.max_seg_len = max_seg_len;
+        rig.max_req = (max_seg_len * max_segs as u64 / BLOCK * BLOCK).min(opts.max_io);
+        Ok(rig)
     }
 
     /// Writes the generation-0 pattern over the disk span through queue 0.
@@ -380,7 +552,11 @@ impl Rig {
         let span = s.backend.span;
         let chunk = s.max_req.min(128 << 10);
         let ram = s.shared.ram.clone();
-        let q = &mut s.queues[0];
+        let Some(Ring::Blk(q)) = s.queues.first_mut() else {
+            return Err(CheckError::Invalid(
+                "no blk queue to prepare the disk with".into(),
+            ));
+        };
         let depth = s.depth.min(s.plan.slots.len() / s.max_segs).max(1);
         let mut free: Vec<usize> = (0..depth).collect();
         let mut buf = vec![0u8; s.max_seg_len as usize];

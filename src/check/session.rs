@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use super::dest::{Logs, SendLog, Vmm};
 use super::error::{vmm_err, CheckError};
 use super::fault::{Schedule, Target};
-use super::options::{CheckOptions, Fault, SyncMode, VmmStyle};
+use super::options::{CheckOptions, Device, Fault, SyncMode, VmmStyle};
 use super::plan::{slot_size, MemPlan};
 use super::pool::{recv, Workers};
-use super::report::{BackendInfo, FaultRecord, Report, StopStats};
+use super::report::{BackendInfo, FaultRecord, NetStats, Report, StopStats};
 use super::rig::{Rig, Shared};
+use super::traffic::PortStats;
 use super::worker::Cmd;
 use crate::vmm::{LogFlip, SharedLog};
 
@@ -28,7 +29,7 @@ use crate::vmm::{LogFlip, SharedLog};
 pub fn run(opts: &CheckOptions) -> Result<Report, CheckError> {
     let slot = slot_size(opts.max_io);
     let mut s = Rig::new(opts, slot)?;
-    if opts.prepare.unwrap_or(!s.backend.read_only) {
+    if opts.device == Device::Blk && opts.prepare.unwrap_or(!s.backend.read_only) {
         s.prepare(opts)?;
     }
     let gpa_end = s.shared.ram.gpa_end();
@@ -59,6 +60,7 @@ pub fn run(opts: &CheckOptions) -> Result<Report, CheckError> {
         plan: s.plan.clone(),
         backend: s.backend.clone(),
         depth: s.depth,
+        rx_buf: s.rx_buf,
         vmm,
         workers,
         fault_log: Vec::new(),
@@ -82,6 +84,8 @@ struct Run<'a> {
     plan: MemPlan,
     backend: BackendInfo,
     depth: usize,
+    /// net: bytes per RX buffer.
+    rx_buf: u32,
     vmm: Vmm,
     workers: Workers,
     fault_log: Vec<FaultRecord>,
@@ -111,6 +115,7 @@ impl Run<'_> {
         let completed_before = self.workers.sum(|s| &s.completed);
         let bytes_before = self.workers.sum(|s| &s.bytes);
         let reads_before = self.workers.sum(|s| &s.reads);
+        let rx_before = self.net_counters();
         let writes_before = self.workers.sum(|s| &s.writes);
         self.start = Instant::now();
         self.start_logging()?;
@@ -186,7 +191,9 @@ impl Run<'_> {
         let requests = self.workers.sum(|s| &s.completed) - completed_before;
         let bytes = self.workers.sum(|s| &s.bytes) - bytes_before;
         let elapsed = elapsed.max(1e-3);
+        let net = self.net_stats(&rx_before, elapsed);
         let mut report = Report {
+            device: self.opts.device,
             backend: self.backend.clone(),
             layout: self.plan.regions.iter().map(|r| (r.gpa, r.size)).collect(),
             queues: self.workers.len() as u16,
@@ -218,6 +225,11 @@ impl Run<'_> {
             lost_data: 0,
             lost_status: 0,
             lost_used_ring: 0,
+            lost_rx_buffer: 0,
+            lost_rx_used_ring: 0,
+            lost_tx_used_ring: 0,
+            lost_other: 0,
+            net,
             lost_samples: Vec::new(),
             stop,
             fault_log: std::mem::take(&mut self.fault_log),
@@ -227,14 +239,63 @@ impl Run<'_> {
         };
         let written = &self.shared.written;
         let (plan, vmm) = (&self.plan, &self.vmm);
+        let data = match self.opts.device {
+            Device::Blk => "data",
+            Device::Net => "rx-buffer",
+        };
         report.tally_lost(&lost, |p| {
             let kind = plan
                 .page_kind(p)
-                .unwrap_or(if written.test(p) { "data" } else { "other" });
+                .unwrap_or(if written.test(p) { data } else { "other" });
             (kind, vmm.log_has(p))
         });
         report.conclude();
         Ok(report)
+    }
+
+    /// The net counters summed over the RX rings (even indices) and TX rings: `[rx frames,
+    /// rx bytes, rx buffers, merged, gaps, tx frames, foreign]`.
+    fn net_counters(&self) -> [u64; 7] {
+        let w = &self.workers;
+        let rx = |i: usize| i.is_multiple_of(2);
+        [
+            w.sum_where(rx, |s| &s.rx_frames),
+            w.sum_where(rx, |s| &s.rx_bytes),
+            w.sum_where(rx, |s| &s.rx_buffers),
+            w.sum_where(rx, |s| &s.rx_merged),
+            w.sum_where(rx, |s| &s.rx_seq_gaps),
+            w.sum_where(|i| i % 2 == 1, |s| &s.tx_frames),
+            w.sum_where(rx, |s| &s.rx_foreign),
+        ]
+    }
+
+    /// The net figures of the run (`None` for blk): counters since `before`, over `elapsed`
+    /// seconds.
+    fn net_stats(&self, before: &[u64; 7], elapsed: f64) -> Option<NetStats> {
+        if self.opts.device != Device::Net {
+            return None;
+        }
+        let now = self.net_counters();
+        let d: Vec<u64> = now.iter().zip(before).map(|(a, b)| a - b).collect();
+        let j = self.workers.injectors();
+        let port = |f: fn(&PortStats) -> &std::sync::atomic::AtomicU64| j.map_or(0, |j| j.sum(f));
+        Some(NetStats {
+            pairs: (self.workers.len() / 2) as u16,
+            traffic: self.opts.net.traffic.to_string(),
+            rx_buf: self.rx_buf,
+            rx_frames: d[0],
+            rx_bytes: d[1],
+            rx_buffers: d[2],
+            rx_merged: d[3],
+            rx_seq_gaps: d[4],
+            rx_fps: d[0] as f64 / elapsed,
+            tx_frames: d[5],
+            rx_foreign: d[6],
+            injected: port(|p| &p.sent),
+            port_full: port(|p| &p.full),
+            tx_at_port: port(|p| &p.tx_seen),
+            tx_bad_at_port: port(|p| &p.tx_bad),
+        })
     }
 
     fn show_progress(&self) {

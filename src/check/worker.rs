@@ -1,12 +1,13 @@
-//! The guest workload: one thread per queue keeping many virtio-blk requests in flight, each
-//! landing different disk data in different guest buffers, and checking every completed read
-//! against the disk pattern.
+//! The guest workload: one thread per queue. [`Runner`] is the loop every device shares; a
+//! [`QueueWork`] is what one queue of a device does. This file has the blk one ([`Worker`]):
+//! many virtio-blk requests in flight, each landing different disk data in different guest
+//! buffers, every completed read checked against the disk pattern. The net ones (RX buffers,
+//! TX frames) are in `netq.rs`.
 //!
-//! A worker owns its [`BlkQueue`] and talks to the VMM thread only through [`Cmd`]s, so the
-//! VMM can stop a ring (`GET_VRING_BASE`) while requests are in flight and the worker sees
-//! exactly what a guest driver would: completions that arrive before, and maybe after, the
-//! stop. Spawning, commanding and joining the workers is the pool's job (`pool.rs`); this file
-//! is one worker's loop and its bookkeeping of slots, disk blocks and generations.
+//! A worker owns its ring and talks to the VMM thread only through [`Cmd`]s, so the VMM can
+//! stop a ring (`GET_VRING_BASE`) while work is in flight and the worker sees exactly what a
+//! guest driver would: completions that arrive before, and maybe after, the stop. Spawning,
+//! commanding and joining the workers is the pool's job (`pool.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -18,13 +19,13 @@ use super::options::Workload;
 use super::pattern::{self, Rng, BLOCK};
 use super::rig::Shared;
 use crate::driver::blk::{BlkOp, BlkStatus, Completion};
-use crate::driver::{BlkQueue, DriverError};
+use crate::driver::{BlkQueue, DriverError, SplitQueue};
 use crate::log::LOG_PAGE_SHIFT;
 
 /// Longest a worker blocks in one wait, so it answers commands promptly.
-const POLL: Duration = Duration::from_millis(5);
+pub(super) const POLL: Duration = Duration::from_millis(5);
 /// Samples of each kind of problem kept for the report.
-const MAX_SAMPLES: usize = 8;
+pub(super) const MAX_SAMPLES: usize = 8;
 /// Generation value of a block whose contents are unknown (a failed write).
 const UNKNOWN: u32 = u32::MAX;
 
@@ -38,6 +39,20 @@ pub(super) struct WorkerStats {
     pub io_errors: AtomicU64,
     pub data_errors: AtomicU64,
     pub device_page_writes: AtomicU64,
+    /// net: frames received in the RX queue.
+    pub rx_frames: AtomicU64,
+    /// net: frame bytes received (without the virtio-net header).
+    pub rx_bytes: AtomicU64,
+    /// net: RX buffers the received frames used.
+    pub rx_buffers: AtomicU64,
+    /// net: frames spread over more than one RX buffer.
+    pub rx_merged: AtomicU64,
+    /// net: gaps in the sequence numbers of received frames (frames dropped on the way).
+    pub rx_seq_gaps: AtomicU64,
+    /// net: frames of an earlier run (still queued in the backend's port), not checked.
+    pub rx_foreign: AtomicU64,
+    /// net: frames sent through the TX queue (completed).
+    pub tx_frames: AtomicU64,
 }
 
 /// A worker's settings.
@@ -62,9 +77,6 @@ pub(super) struct WorkerCfg {
     pub seed: u64,
     pub verify: bool,
     pub track: bool,
-    pub timeout: Duration,
-    /// Requests in flight and no completion for this long: the queue hung (an error).
-    pub stall_timeout: Duration,
 }
 
 /// What the VMM thread tells a worker.
@@ -101,66 +113,65 @@ struct Req {
     gen: u32,
 }
 
-pub(super) struct Worker {
-    cfg: WorkerCfg,
-    q: BlkQueue,
+/// One queue's side of the guest workload, as the generic loop ([`Runner`]) drives it: the
+/// seam between what every device shares (commands from the VMM thread, stopping, waiting
+/// for what the backend took, restarting on a new connection, hang detection) and what a
+/// device's driver does (blk requests, net RX buffers, net TX frames).
+pub(super) trait QueueWork: Send {
+    /// The ring's index (vhost-user queue index).
+    fn index(&self) -> usize;
+    /// The ring.
+    fn queue(&self) -> &SplitQueue;
+    /// Notifies the device unconditionally.
+    fn kick(&mut self) -> Result<(), DriverError>;
+    /// More guest memory for buffers (a hot-added region's slots).
+    fn add_slots(&mut self, slots: Vec<u64>);
+    /// Puts new work on the ring (requests, RX buffers, TX frames) and kicks if the device
+    /// asks. Called only while the ring runs.
+    fn fill(&mut self) -> Result<(), CheckError>;
+    /// Waits up to `timeout` for the next completion and handles it; `Ok(false)`: none came.
+    fn wait_one(&mut self, timeout: Duration) -> Result<bool, CheckError>;
+    /// Handles every completion in the used ring now; returns how many.
+    fn drain(&mut self) -> Result<usize, CheckError>;
+    /// `Some(why)` if the device owes work (requests in flight, frames handed to its port)
+    /// and nothing completed for `idle`: the queue hung.
+    fn stalled(&self, idle: Duration) -> Option<String>;
+    /// Called when the ring (re)starts: the work owed so far is forgotten.
+    fn restarted(&mut self) {}
+    /// Records a problem for the report.
+    fn sample(&mut self, s: String);
+    /// The samples recorded so far.
+    fn take_samples(&mut self) -> Vec<String>;
+}
+
+/// The command loop around a [`QueueWork`], on its own thread.
+pub(super) struct Runner<W: QueueWork> {
+    work: W,
     shared: Arc<Shared>,
     rx: Receiver<Cmd>,
-    stats: Arc<WorkerStats>,
-    rng: Rng,
-    free_slots: Vec<u64>,
-    reqs: Vec<Option<Req>>,
-    free_tokens: Vec<usize>,
-    gens: Vec<u32>,
-    busy_r: Vec<u16>,
-    busy_w: Vec<bool>,
-    next_gen: u32,
-    buf: Vec<u8>,
-    samples: Vec<String>,
-    io_samples: usize,
+    timeout: Duration,
+    stall_timeout: Duration,
     /// The ring went bad after a stop: stop reading it.
     broken: bool,
 }
 
-impl Worker {
-    #[allow(clippy::too_many_arguments)]
+impl<W: QueueWork> Runner<W> {
+    /// `work` commanded through `rx`; `timeout` bounds waits for the backend, `stall_timeout`
+    /// is the hang detection of [`QueueWork::stalled`].
     pub fn new(
-        cfg: WorkerCfg,
-        q: BlkQueue,
-        slots: Vec<u64>,
+        work: W,
         shared: Arc<Shared>,
         rx: Receiver<Cmd>,
-        stats: Arc<WorkerStats>,
+        timeout: Duration,
+        stall_timeout: Duration,
     ) -> Self {
-        let blocks = (cfg.disk_len / BLOCK) as usize;
-        let conflicts = cfg.workload != Workload::Read;
-        let rng = Rng::new(pattern::splitmix64(cfg.seed ^ (cfg.index as u64 + 1)));
-        Worker {
-            q,
+        Runner {
+            work,
             shared,
             rx,
-            stats,
-            rng,
-            free_slots: slots,
-            reqs: Vec::new(),
-            free_tokens: Vec::new(),
-            gens: vec![0; blocks],
-            busy_r: if conflicts {
-                vec![0; blocks]
-            } else {
-                Vec::new()
-            },
-            busy_w: if conflicts {
-                vec![false; blocks]
-            } else {
-                Vec::new()
-            },
-            next_gen: 1,
-            buf: Vec::new(),
-            samples: Vec::new(),
-            io_samples: 0,
+            timeout,
+            stall_timeout,
             broken: false,
-            cfg,
         }
     }
 
@@ -199,7 +210,7 @@ impl Worker {
                     }
                 };
                 match cmd {
-                    Cmd::AddSlots(s) => self.free_slots.extend(s),
+                    Cmd::AddSlots(s) => self.work.add_slots(s),
                     Cmd::Stopped { base, wait, reply } => {
                         running = false;
                         match self.stopped(base, wait) {
@@ -227,27 +238,21 @@ impl Worker {
             if !running {
                 continue;
             }
-            self.fill()?;
-            match self.q.wait(POLL) {
-                Ok(c) => {
-                    self.complete(c)?;
-                    last_progress = Instant::now();
-                }
-                Err(DriverError::Timeout(..)) => {
-                    let stall = self.cfg.stall_timeout.min(self.cfg.timeout);
-                    if self.q.in_flight() > 0 && last_progress.elapsed() > stall {
+            self.work.fill()?;
+            if self.work.wait_one(POLL)? {
+                last_progress = Instant::now();
+            } else {
+                let stall = self.stall_timeout.min(self.timeout);
+                if last_progress.elapsed() > stall {
+                    if let Some(why) = self.work.stalled(last_progress.elapsed()) {
                         return Err(CheckError::Protocol(format!(
-                            "queue {} hung: {} request(s) in flight (used index {}), none completed for {:?} (--stall-timeout)",
-                            self.cfg.index,
-                            self.q.in_flight(),
-                            self.q.queue().last_used(),
-                            last_progress.elapsed()
+                            "queue {} hung: {why} (--stall-timeout)",
+                            self.work.index()
                         )));
                     }
                 }
-                Err(e) => return Err(queue_err(self.cfg.index, e)),
             }
-            if self.drain()? > 0 {
+            if self.work.drain()? > 0 {
                 last_progress = Instant::now();
             }
         }
@@ -257,56 +262,158 @@ impl Worker {
         if self.broken {
             return;
         }
-        if let Err(e) = self.drain() {
+        if let Err(e) = self.work.drain() {
             self.broken = true;
-            self.sample(format!("queue {}: after the stop: {e}", self.cfg.index));
+            let i = self.work.index();
+            self.work.sample(format!("queue {i}: after the stop: {e}"));
         }
     }
 
     fn finish(&mut self) -> WorkerFinal {
         self.drain_stopped();
         WorkerFinal {
-            samples: std::mem::take(&mut self.samples),
+            samples: self.work.take_samples(),
         }
     }
 
     fn stopped(&mut self, base: u16, wait: bool) -> Result<u16, CheckError> {
         if !wait {
             self.drain_stopped();
-            return Ok(self.q.queue().last_used());
+            return Ok(self.work.queue().last_used());
         }
-        self.drain()?;
-        {
-            let deadline = Instant::now() + self.cfg.timeout;
-            while self.q.queue().last_used() != base {
-                if Instant::now() >= deadline {
-                    return Err(CheckError::Protocol(format!(
-                        "queue {}: GET_VRING_BASE returned {base}, but only {} request(s) completed within {:?}",
-                        self.cfg.index,
-                        self.q.queue().last_used(),
-                        self.cfg.timeout
-                    )));
-                }
-                // Polls the used ring at least every POLL, so a backend that no longer
-                // signals (its call fd was dropped with the stop) is still heard.
-                match self.q.wait(POLL) {
-                    Ok(c) => self.complete(c)?,
-                    Err(DriverError::Timeout(..)) => {}
-                    Err(e) => return Err(queue_err(self.cfg.index, e)),
-                }
+        self.work.drain()?;
+        let deadline = Instant::now() + self.timeout;
+        while self.work.queue().last_used() != base {
+            if Instant::now() >= deadline {
+                return Err(CheckError::Protocol(format!(
+                    "queue {}: GET_VRING_BASE returned {base}, but only {} chain(s) completed within {:?}",
+                    self.work.index(),
+                    self.work.queue().last_used(),
+                    self.timeout
+                )));
             }
+            // Polls the used ring at least every POLL, so a backend that no longer signals
+            // (its call fd was dropped with the stop) is still heard.
+            self.work.wait_one(POLL)?;
         }
-        Ok(self.q.queue().last_used())
+        Ok(self.work.queue().last_used())
     }
 
     fn restart(&mut self) -> Result<(), CheckError> {
+        let i = self.work.index();
         {
             let mut conn = self.shared.conn();
-            conn.start_queue(self.cfg.index, self.q.queue())
-                .map_err(|e| queue_err(self.cfg.index, e))?;
+            conn.start_queue(i, self.work.queue())
+                .map_err(|e| queue_err(i, e))?;
         }
+        self.work.restarted();
         // Chains published while the ring was stopped are waiting: tell the device.
-        self.q.kick().map_err(|e| queue_err(self.cfg.index, e))
+        self.work.kick().map_err(|e| queue_err(i, e))
+    }
+}
+
+impl QueueWork for Worker {
+    fn index(&self) -> usize {
+        self.cfg.index
+    }
+    fn queue(&self) -> &SplitQueue {
+        self.q.queue()
+    }
+    fn kick(&mut self) -> Result<(), DriverError> {
+        self.q.kick()
+    }
+    fn add_slots(&mut self, slots: Vec<u64>) {
+        self.free_slots.extend(slots);
+    }
+    fn fill(&mut self) -> Result<(), CheckError> {
+        Worker::fill(self)
+    }
+    fn wait_one(&mut self, timeout: Duration) -> Result<bool, CheckError> {
+        match self.q.wait(timeout) {
+            Ok(c) => {
+                self.complete(c)?;
+                Ok(true)
+            }
+            Err(DriverError::Timeout(..)) => Ok(false),
+            Err(e) => Err(queue_err(self.cfg.index, e)),
+        }
+    }
+    fn drain(&mut self) -> Result<usize, CheckError> {
+        Worker::drain(self)
+    }
+    fn stalled(&self, idle: Duration) -> Option<String> {
+        (self.q.in_flight() > 0).then(|| {
+            format!(
+                "{} request(s) in flight (used index {}), none completed for {idle:?}",
+                self.q.in_flight(),
+                self.q.queue().last_used()
+            )
+        })
+    }
+    fn sample(&mut self, s: String) {
+        Worker::sample(self, s)
+    }
+    fn take_samples(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.samples)
+    }
+}
+
+/// The blk workload of one queue.
+pub(super) struct Worker {
+    cfg: WorkerCfg,
+    q: BlkQueue,
+    shared: Arc<Shared>,
+    stats: Arc<WorkerStats>,
+    rng: Rng,
+    free_slots: Vec<u64>,
+    reqs: Vec<Option<Req>>,
+    free_tokens: Vec<usize>,
+    gens: Vec<u32>,
+    busy_r: Vec<u16>,
+    busy_w: Vec<bool>,
+    next_gen: u32,
+    buf: Vec<u8>,
+    samples: Vec<String>,
+    io_samples: usize,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: WorkerCfg,
+        q: BlkQueue,
+        slots: Vec<u64>,
+        shared: Arc<Shared>,
+        stats: Arc<WorkerStats>,
+    ) -> Self {
+        let blocks = (cfg.disk_len / BLOCK) as usize;
+        let conflicts = cfg.workload != Workload::Read;
+        let rng = Rng::new(pattern::splitmix64(cfg.seed ^ (cfg.index as u64 + 1)));
+        Worker {
+            q,
+            shared,
+            stats,
+            rng,
+            free_slots: slots,
+            reqs: Vec::new(),
+            free_tokens: Vec::new(),
+            gens: vec![0; blocks],
+            busy_r: if conflicts {
+                vec![0; blocks]
+            } else {
+                Vec::new()
+            },
+            busy_w: if conflicts {
+                vec![false; blocks]
+            } else {
+                Vec::new()
+            },
+            next_gen: 1,
+            buf: Vec::new(),
+            samples: Vec::new(),
+            io_samples: 0,
+            cfg,
+        }
     }
 
     fn drain(&mut self) -> Result<usize, CheckError> {
@@ -629,6 +736,6 @@ fn again(e: &CheckError) -> CheckError {
     }
 }
 
-fn queue_err(index: usize, e: DriverError) -> CheckError {
+pub(super) fn queue_err(index: usize, e: DriverError) -> CheckError {
     CheckError::Protocol(format!("queue {index}: {e}"))
 }
