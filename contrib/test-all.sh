@@ -17,6 +17,9 @@ step() { printf '\n==> %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 step "cargo test --release (unit, integration, corpus replay, doc tests)"
 cargo test --release
 
+step "negative controls: the drop-marks builds of both daemons are caught"
+cargo test --release --features test-drop-marks --test blk_log --test net_basic --test check_net drop_marks
+
 if [[ -f tests/loom.rs ]]; then
 	step "loom model checks"
 	LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:-3} RUSTFLAGS="--cfg loom" \
