@@ -262,8 +262,8 @@ const ALLOWED_IOCTLS: &[u64] = &[
     0x5421,      // FIONBIO
     // vhost-dirtylog-net --tap: the virtio-net header size and offloads follow the features
     // each frontend acks (the TAP itself is opened with TUNSETIFF before the sandbox)
-    libc::TUNSETVNETHDRSZ as u64,
-    libc::TUNSETOFFLOAD as u64,
+    libc::TUNSETVNETHDRSZ,
+    libc::TUNSETOFFLOAD,
 ];
 
 /// Builds the two filters: the allow-list ([`ALLOWED_SYSCALLS`]) and the one failing
