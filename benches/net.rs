@@ -1,4 +1,5 @@
-//! RX throughput of the vhost-user-net device through its socket port, logging off vs on, with
+//! RX throughput of the vhost-user-net device through its socket port and through a TAP (in a
+//! network namespace of its own; skipped without root), logging off vs on, with
 //! plain and with batched marks (issue 15): frames per second into the guest's RX ring, the
 //! device worker's CPU time per frame, and the atomic read-modify-writes on the log per frame.
 //!
@@ -17,8 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost_dirtylog::net::NetConfig;
-use vhost_dirtylog::test_utils::net::{frame, in_process_with, Guest, T};
+use std::io::Write;
+
+use vhost_dirtylog::net::{NetConfig, Port};
+use vhost_dirtylog::test_utils::net::{
+    frame, in_process_on, in_process_with, tap_in_netns, Guest, InProc, T,
+};
 
 /// Total on-CPU time, in ns, of this process's `vring_worker` threads (vhost-user-backend's
 /// name for the device workers).
@@ -59,24 +64,59 @@ struct Sample {
     frames_per_burst: f64,
 }
 
-fn run(len: usize, mode: Mode, secs: f64) -> Sample {
-    let d = in_process_with(NetConfig {
+/// The device's port: its unix datagram socket port, or a TAP in a namespace of its own.
+#[derive(Clone, Copy, PartialEq)]
+enum PortKind {
+    Socket,
+    Tap,
+}
+
+/// Starts the device on `kind` of port and an injector thread flooding it with `len`-byte
+/// frames until `stop`.
+fn start(
+    kind: PortKind,
+    config: NetConfig,
+    len: usize,
+    stop: &Arc<AtomicBool>,
+) -> (InProc, std::thread::JoinHandle<()>) {
+    let s2 = stop.clone();
+    let f = frame(len, 1);
+    match kind {
+        PortKind::Socket => {
+            let d = in_process_with(config);
+            let sock = d.wires[0].sock.try_clone().expect("socket");
+            let to = d.wires[0].port.clone();
+            let inj = std::thread::spawn(move || {
+                sock.set_write_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
+                while !s2.load(Ordering::Relaxed) {
+                    let _ = sock.send_to(&f, &to);
+                }
+            });
+            (d, inj)
+        }
+        PortKind::Tap => {
+            let (tap, mut wire) = tap_in_netns("vdlbench0").expect("TAP");
+            let ports: Vec<Arc<dyn Port>> = vec![Arc::new(tap)];
+            let d = in_process_on(config, ports);
+            let inj = std::thread::spawn(move || {
+                while !s2.load(Ordering::Relaxed) {
+                    let _ = wire.write(&f);
+                }
+            });
+            (d, inj)
+        }
+    }
+}
+
+fn run(kind: PortKind, len: usize, mode: Mode, secs: f64) -> Sample {
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = NetConfig {
         batch_marks: mode == Mode::Batched,
         ..Default::default()
-    });
+    };
+    let (d, injector) = start(kind, config, len, &stop);
     let (mut g, _log) = Guest::new(d.daemon.connect(), 1, mode != Mode::Off);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sock = d.wires[0].sock.try_clone().expect("socket");
-    let to = d.wires[0].port.clone();
-    let s2 = stop.clone();
-    let injector = std::thread::spawn(move || {
-        sock.set_write_timeout(Some(Duration::from_millis(50)))
-            .expect("timeout");
-        let f = frame(len, 1);
-        while !s2.load(Ordering::Relaxed) {
-            let _ = sock.send_to(&f, &to);
-        }
-    });
     recv(&mut g, 2000);
     let s0 = d.dev.pair_stats(0).expect("pair 0");
     let c0 = worker_cpu_ns();
@@ -122,9 +162,23 @@ fn main() {
     }
     let secs = env("NET_BENCH_SECS", 1.0);
     let reps = env("NET_BENCH_REPS", 5.0).max(1.0) as usize;
+    let mut kinds = vec![(PortKind::Socket, "the socket port")];
+    match tap_in_netns("vdlbench0") {
+        Ok(_) => kinds.push((PortKind::Tap, "a TAP (own network namespace)")),
+        Err(e) => println!("-- TAP runs skipped: they need root and /dev/net/tun ({e}) --"),
+    }
+    for (kind, what) in kinds {
+        bench_port(kind, what, secs, reps);
+    }
+    println!(
+        "   targets (issue 15): batched, 64 B: frames/s on/off >= 0.95; log RMWs per frame < 1"
+    );
+}
+
+fn bench_port(kind: PortKind, what: &str, secs: f64, reps: usize) {
     let modes = [Mode::Off, Mode::Plain, Mode::Batched];
     println!(
-        "== net RX through the socket port: 1 queue pair, {secs} s per run, medians of {reps} [min..max] =="
+        "== net RX through {what}: 1 queue pair, {secs} s per run, medians of {reps} [min..max] =="
     );
     for len in [64usize, 1500] {
         let mut fps: Vec<Vec<f64>> = vec![Vec::new(); 3];
@@ -133,7 +187,7 @@ fn main() {
         let mut fpb = Vec::new();
         for _ in 0..reps {
             for (i, &m) in modes.iter().enumerate() {
-                let s = run(len, m, secs);
+                let s = run(kind, len, m, secs);
                 fps[i].push(s.fps);
                 cpu[i].push(s.cpu_ns);
                 rmw.extend(s.rmws);
@@ -170,7 +224,4 @@ fn main() {
             median(&mut fpb),
         );
     }
-    println!(
-        "   targets (issue 15): batched, 64 B: frames/s on/off >= 0.95; log RMWs per frame < 1"
-    );
 }

@@ -304,74 +304,9 @@ fn net_daemon_program_round_trip_and_drop_marks_switch() {
 /// Namespaces are per thread: a helper thread unshares, creates both, and hands the fds back;
 /// nothing leaves the namespace.
 fn tap_in_netns(name: &'static str) -> Option<(vhost_dirtylog::net::TapPort, std::fs::File)> {
-    use std::os::fd::FromRawFd;
-    let r = std::thread::spawn(move || -> Result<_, String> {
-        // SAFETY: unshare affects only this thread's namespaces.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "unshare(CLONE_NEWNET): {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let tap = vhost_dirtylog::net::TapPort::open(name, false).map_err(|e| e.to_string())?;
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        // SAFETY: plain socket calls on fds this thread owns; `ifr` and `sll` are live locals of
-        // the sizes given.
-        unsafe {
-            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            let mut ifr: libc::ifreq = std::mem::zeroed();
-            for (d, c) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
-                *d = *c as libc::c_char;
-            }
-            ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            if libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) < 0 {
-                return Err(format!("SIOCSIFFLAGS: {}", std::io::Error::last_os_error()));
-            }
-            libc::close(s);
-            let idx = libc::if_nametoindex(ifr.ifr_name.as_ptr());
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            let p = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                proto.into(),
-            );
-            if p < 0 {
-                return Err(format!("AF_PACKET: {}", std::io::Error::last_os_error()));
-            }
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = idx as i32;
-            let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            if libc::bind(p, (&sll as *const libc::sockaddr_ll).cast(), len) < 0 {
-                return Err(format!(
-                    "bind AF_PACKET: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            let tv = libc::timeval {
-                tv_sec: 1,
-                tv_usec: 0,
-            };
-            libc::setsockopt(
-                p,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            Ok((tap, std::fs::File::from_raw_fd(p)))
-        }
-    })
-    .join()
-    .unwrap();
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            eprintln!("SKIPPED: TAP test needs root and /dev/net/tun ({e})");
-            None
-        }
-    }
+    vhost_dirtylog::test_utils::net::tap_in_netns(name)
+        .map_err(|e| eprintln!("SKIPPED: TAP test needs root and /dev/net/tun ({e})"))
+        .ok()
 }
 
 #[test]

@@ -14,7 +14,7 @@ use super::{DaemonDir, InProcessDaemon};
 use crate::driver::net::{self as netdrv, RxQueue, TxQueue};
 use crate::driver::{Connection, GuestRam, QueueLayout, RegionSpec};
 use crate::log::GuestDirtyBitmap;
-use crate::net::{NetConfig, NetDevice, Port, SocketPort};
+use crate::net::{NetConfig, NetDevice, Port, SocketPort, TapPort};
 use crate::vmm::SharedLog;
 
 /// Timeout of every wait on the device.
@@ -181,6 +181,16 @@ pub fn in_process_with(config: NetConfig) -> InProc {
         ports.push(Arc::new(SocketPort::bind(&port, Some(&peer)).unwrap()));
         wires.push(Wire::new(&peer, &port));
     }
+    serve(config, ports, wires, dir)
+}
+
+/// Starts a device with `config` in this process on the given ports (one per pair; `wires`
+/// may be empty when the caller talks to the ports another way, e.g. a TAP).
+pub fn in_process_on(config: NetConfig, ports: Vec<Arc<dyn Port>>) -> InProc {
+    serve(config, ports, Vec::new(), DaemonDir::new("net-test"))
+}
+
+fn serve(config: NetConfig, ports: Vec<Arc<dyn Port>>, wires: Vec<Wire>, dir: DaemonDir) -> InProc {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let backend = NetDevice::into_backend(config, ports, mem.clone()).unwrap();
     let dev = backend.inner().clone();
@@ -192,4 +202,74 @@ pub fn in_process_with(config: NetConfig) -> InProc {
         wires,
         _dir: dir,
     }
+}
+
+/// A TAP `name` in a network namespace of its own (the calling process's namespaces are left
+/// alone: a helper thread `unshare`s), up, IPv6 off, and an `AF_PACKET` socket bound to it
+/// (1 s receive timeout): the wire side of the TAP. Frames written to the socket reach the
+/// device's RX; frames the device sends can be read from it. Nothing leaves the namespace.
+///
+/// Errors: not root, no `/dev/net/tun`, or a socket call failed (the message says which).
+pub fn tap_in_netns(name: &'static str) -> Result<(TapPort, std::fs::File), String> {
+    use std::os::fd::FromRawFd;
+    std::thread::spawn(move || -> Result<_, String> {
+        // SAFETY: unshare affects only this thread's namespaces.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let tap = TapPort::open(name, false).map_err(|e| e.to_string())?;
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        // SAFETY: plain socket calls on fds this thread owns; `ifr` and `sll` are live locals
+        // of the sizes given.
+        unsafe {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, c) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+                *d = *c as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            if libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) < 0 {
+                return Err(format!("SIOCSIFFLAGS: {}", std::io::Error::last_os_error()));
+            }
+            libc::close(s);
+            let idx = libc::if_nametoindex(ifr.ifr_name.as_ptr());
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            let p = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto.into(),
+            );
+            if p < 0 {
+                return Err(format!("AF_PACKET: {}", std::io::Error::last_os_error()));
+            }
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = idx as i32;
+            let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            if libc::bind(p, (&sll as *const libc::sockaddr_ll).cast(), len) < 0 {
+                return Err(format!(
+                    "bind AF_PACKET: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                p,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            Ok((tap, std::fs::File::from_raw_fd(p)))
+        }
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked".to_string())?
 }
