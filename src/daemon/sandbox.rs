@@ -64,7 +64,7 @@ pub const ALLOWED_SYSCALLS: &[&str] = &[
     // vhost-user messages, the socket, refusing extra frontends
     "accept4",
     // the net daemon's relay (`backend::relay`): vhost-user-backend connects to the private
-    // socket for every frontend (a unix socket: `socket`, `connect`)
+    // socket for every frontend (`socket` is allowed for AF_UNIX only, see `seccomp_filter`)
     "socket",
     "connect",
     // std's `UnixStream` read and write are `recv` / `send(.., MSG_NOSIGNAL)`, i.e. recvfrom
@@ -306,6 +306,12 @@ pub fn seccomp_filter(mode: SeccompMode) -> Result<BpfProgram, SandboxError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
     rules.insert(libc::SYS_ioctl, ioctls);
+    // Unix sockets only (the relay's connection); no network socket is ever created once
+    // serving.
+    rules.insert(
+        libc::SYS_socket,
+        vec![arg_eq(0, libc::AF_UNIX as u64).map_err(err)?],
+    );
     rules.insert(
         libc::SYS_prctl,
         vec![arg_eq(0, libc::PR_SET_NAME as u64).map_err(err)?],
@@ -439,7 +445,8 @@ mod tests {
                 if what == "listed" {
                     libc::syscall(libc::SYS_getpid);
                 } else {
-                    // socket(2) is not on the list: the daemon never creates sockets once serving.
+                    // socket(2) is allowed for AF_UNIX only: the daemon never creates a network
+                    // socket once serving.
                     libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0);
                 }
                 libc::syscall(libc::SYS_exit_group, 0);
