@@ -16,8 +16,8 @@
 //!
 //! ## What the relay does
 //! The daemon serves the frontend through a socket pair of its own: vhost-user-backend connects
-//! ([`VhostUserDaemon::start_client`]) to a listener in a private directory (mode 0700, and the
-//! accepted peer must be this very process, checked with `SO_PEERCRED`), and two threads copy
+//! ([`VhostUserDaemon::start_client`]) to a private listener (a socket of mode 0600 named after
+//! the process, and the accepted peer must be this very process, checked with `SO_PEERCRED`), and two threads copy
 //! messages, file descriptors included (`SCM_RIGHTS`, through vmm-sys-util's [`ScmSocket`]),
 //! between that connection and the frontend's. Every message is forwarded unchanged except a
 //! `SET_VRING_ENABLE` that arrives while no `SET_FEATURES` has acked
@@ -70,7 +70,7 @@ const MAX_FDS: usize = 32;
 /// Why the relay could not be set up or a connection could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// Creating the private directory or listener, connecting or accepting failed.
+    /// Creating the private listener, connecting or accepting failed.
     #[error("relay socket: {0}")]
     Io(#[from] io::Error),
     /// vhost-user-backend could not connect to the relay.
@@ -82,46 +82,17 @@ pub enum RelayError {
 }
 
 /// The relay's private listener; one per daemon process, reused for every frontend. Dropping it
-/// removes the socket and its directory.
+/// removes the socket.
 #[derive(Debug)]
 pub struct Relay {
     listener: UnixListener,
     path: PathBuf,
-    dir: PathBuf,
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_dir(&self.dir);
+        self.remove_files();
     }
-}
-
-/// Creates a new directory only this user can enter (mode 0700) under `$TMPDIR`, with a name
-/// no other directory has (`mkdir` is exclusive; a taken name is retried).
-fn private_dir() -> io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static SEQ: AtomicU32 = AtomicU32::new(0);
-    let base = std::env::temp_dir();
-    let mut last = None;
-    for _ in 0..16 {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!(
-            "vhost-dirtylog-relay-{}-{}-{nanos:08x}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = base.join(name);
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::other("no free relay directory name")))
 }
 
 /// A running relay connection: its two copying threads.
@@ -140,30 +111,46 @@ impl RelayConnection {
 }
 
 impl Relay {
-    /// Creates the private directory (under `$TMPDIR`, mode 0700) and its listener. Call it
-    /// before the sandbox is applied.
+    /// [`new_in`](Self::new_in) `$TMPDIR`.
     ///
-    /// Errors: the directory or the socket cannot be created.
+    /// Errors: as [`new_in`](Self::new_in).
     pub fn new() -> Result<Relay, RelayError> {
-        let dir = private_dir()?;
-        let path = dir.join("backend.sock");
-        let listener = match UnixListener::bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = std::fs::remove_dir(&dir);
-                return Err(e.into());
-            }
-        };
-        Ok(Relay {
-            listener,
-            path,
-            dir,
-        })
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// Creates the private listener in `dir`: a socket named after this process
+    /// (`.vhost-dirtylog-relay-PID-N.sock`), mode 0600 (only this user may connect; and only
+    /// this process is served, see [`start`](Self::start)). A daemon passes a directory its
+    /// sandbox lets it remove files in (its vhost-user socket's), so the socket can be removed
+    /// at exit. Call it before the sandbox is applied.
+    ///
+    /// Errors: the socket cannot be created or its mode set.
+    pub fn new_in(dir: &Path) -> Result<Relay, RelayError> {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let path = dir.join(format!(
+            ".vhost-dirtylog-relay-{}-{}.sock",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        // A stale socket of a dead process with this pid: its name is ours now.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)?;
+        let relay = Relay { listener, path };
+        std::fs::set_permissions(&relay.path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(relay)
     }
 
     /// The private socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Removes the private socket (also done on drop). For a process about to `exit`, which
+    /// runs no destructors. No frontend can be started afterwards.
+    pub fn remove_files(&self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// Serves `frontend` with `daemon` through the relay: the daemon connects to the private

@@ -18,6 +18,7 @@ use vhost_dirtylog::blk::daemon::{BlkOptions, BlkServer};
 use vhost_dirtylog::blk::{parse_serial, AioMode, BlkConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
 use vhost_dirtylog::daemon::lock::{lock_file, LockError, LockKind};
 use vhost_dirtylog::daemon::sandbox::{self, LandlockOutcome, LandlockPaths, SeccompMode};
+use vhost_dirtylog::daemon::signals;
 use vhost_dirtylog::daemon::socket::{self, SocketAccess};
 use vhost_dirtylog::daemon::{default_num_queues, DEFAULT_MIN_QUEUES};
 
@@ -228,14 +229,7 @@ fn run(args: Args) -> Result<(), String> {
 
     // Block the signals the signal thread handles before any thread exists, so every thread
     // inherits the mask and only that thread receives them.
-    for sig in SIGNALS {
-        // An already-blocked signal is fine; anything else would leave signals unhandled.
-        if let Err(e) = vmm_sys_util::signal::block_signal(sig) {
-            if !matches!(e, vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) {
-                return Err(format!("cannot block signal {sig}: {e}"));
-            }
-        }
-    }
+    signals::block()?;
 
     // An inherited socket is checked first: a wrong --fd is the more basic error.
     let inherited = match (&args.socket_path, args.fd) {
@@ -344,8 +338,6 @@ fn run(args: Args) -> Result<(), String> {
     r
 }
 
-const SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
-
 fn default_serial(image: &Path) -> Vec<u8> {
     let name = image
         .file_name()
@@ -357,39 +349,25 @@ fn default_serial(image: &Path) -> Vec<u8> {
 }
 
 fn spawn_signal_thread(socket: Option<PathBuf>, server: Arc<BlkServer>) -> Result<(), String> {
-    let set = vmm_sys_util::signal::create_sigset(&SIGNALS)
-        .map_err(|e| format!("cannot create signal set: {e}"))?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialised sigset_t and `sig` a live local for the result.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc != 0 {
-                continue;
+    let (s1, s2) = (server.clone(), server.clone());
+    signals::spawn(signals::Handlers {
+        stats: move || s1.stats_report(),
+        hup: move || {
+            log::info!(
+                "SIGHUP: a connected guest cannot be told a new disk size (vhost 0.18 has no \
+                 way to send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG); the size is re-read \
+                 when the next frontend connects ({} sectors now)",
+                s2.disk().capacity()
+            )
+        },
+        exit: move || {
+            if let Some(p) = &socket {
+                let _ = std::fs::remove_file(p);
             }
-            match sig {
-                libc::SIGUSR1 => eprint!("{}", server.stats_report()),
-                libc::SIGHUP => log::info!(
-                    "SIGHUP: a connected guest cannot be told a new disk size (vhost 0.18 has no \
-                     way to send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG); the size is re-read \
-                     when the next frontend connects ({} sectors now)",
-                    server.disk().capacity()
-                ),
-                _ => {
-                    log::info!("received signal {sig}, exiting");
-                    eprint!("{}", server.stats_report());
-                    if let Some(p) = &socket {
-                        let _ = std::fs::remove_file(p);
-                    }
-                    // Completed writes become durable even if the guest never flushed them.
-                    if let Err(e) = server.disk().flush() {
-                        log::warn!("flush on exit failed: {e}");
-                    }
-                    std::process::exit(0);
-                }
+            // Completed writes become durable even if the guest never flushed them.
+            if let Err(e) = server.disk().flush() {
+                log::warn!("flush on exit failed: {e}");
             }
-        })
-        .map(|_| ())
-        .map_err(|e| format!("cannot start signal thread: {e}"))
+        },
+    })
 }

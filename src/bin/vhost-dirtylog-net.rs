@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use vhost_dirtylog::daemon::sandbox::{self, LandlockOutcome, LandlockPaths, SeccompMode};
+use vhost_dirtylog::daemon::signals;
 use vhost_dirtylog::daemon::socket::{self, SocketAccess};
 use vhost_dirtylog::net::daemon::NetServer;
 use vhost_dirtylog::net::port::pair_path;
@@ -195,13 +196,7 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     };
 
-    for sig in SIGNALS {
-        if let Err(e) = vmm_sys_util::signal::block_signal(sig) {
-            if !matches!(e, vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) {
-                return Err(format!("cannot block signal {sig}: {e}"));
-            }
-        }
-    }
+    signals::block()?;
 
     let inherited = match (&args.socket_path, args.fd) {
         (None, Some(fd)) => Some(socket::inherit(fd).map_err(|e| e.to_string())?),
@@ -241,7 +236,15 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
 
-    let server = Arc::new(NetServer::new(config, ports).map_err(|e| e.to_string())?);
+    // The relay's private socket (QEMU's early SET_VRING_ENABLE, `backend::relay`) goes where
+    // the sandbox lets the daemon remove it at exit: beside the vhost-user socket, else beside
+    // the first socket port; with `--fd` and `--tap` in $TMPDIR (left there if Landlock is on).
+    let relay_dir = args
+        .socket_path
+        .as_deref()
+        .or(port_paths.first().map(PathBuf::as_path))
+        .map_or_else(std::env::temp_dir, sandbox::socket_dir);
+    let server = Arc::new(NetServer::new_in(config, ports, &relay_dir).map_err(|e| e.to_string())?);
     let (listener, owned) = match (args.socket_path, inherited) {
         (Some(path), None) => {
             let s = socket::bind(&path, access).map_err(|e| e.to_string())?;
@@ -298,33 +301,16 @@ fn run(args: Args) -> Result<(), String> {
     r
 }
 
-const SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
-
 fn spawn_signal_thread(remove: Vec<PathBuf>, server: Arc<NetServer>) -> Result<(), String> {
-    let set = vmm_sys_util::signal::create_sigset(&SIGNALS)
-        .map_err(|e| format!("cannot create signal set: {e}"))?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is an initialised sigset_t and `sig` a live local for the result.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc != 0 {
-                continue;
+    let s2 = server.clone();
+    signals::spawn(signals::Handlers {
+        stats: move || s2.stats_report(),
+        hup: || log::info!("SIGHUP: nothing to re-read"),
+        exit: move || {
+            for p in &remove {
+                let _ = std::fs::remove_file(p);
             }
-            match sig {
-                libc::SIGUSR1 => eprint!("{}", server.stats_report()),
-                libc::SIGHUP => log::info!("SIGHUP: nothing to re-read"),
-                _ => {
-                    log::info!("received signal {sig}, exiting");
-                    eprint!("{}", server.stats_report());
-                    for p in &remove {
-                        let _ = std::fs::remove_file(p);
-                    }
-                    std::process::exit(0);
-                }
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| format!("cannot start signal thread: {e}"))
+            server.cleanup();
+        },
+    })
 }

@@ -11,10 +11,13 @@
 //! - [`lock`]: the disk image lock (open-file-description locks, as QEMU's `file-posix` uses);
 //! - [`sandbox`]: the seccomp allow-list (rust-vmm's `seccompiler`) and the Landlock rules (the
 //!   `landlock` crate) applied before the first frontend is accepted;
+//! - [`signals`]: statistics on `SIGUSR1`, clean exit on `SIGINT` / `SIGTERM`, one thread
+//!   taking them with `sigwait`;
 //! - [`default_num_queues`]: how many queues to offer when the user does not say.
 
 pub mod lock;
 pub mod sandbox;
+pub mod signals;
 pub mod socket;
 
 /// Fewest queues offered by default (see [`default_num_queues`]).

@@ -48,8 +48,20 @@ pub struct NetServer {
 }
 
 impl NetServer {
-    /// Checks the settings; `ports` has one port per queue pair.
+    /// Checks the settings; `ports` has one port per queue pair. The relay's private socket
+    /// goes in `$TMPDIR` (see [`new_in`](Self::new_in)).
     pub fn new(config: NetConfig, ports: Vec<Arc<dyn Port>>) -> Result<Self, ServeError> {
+        Self::new_in(config, ports, &std::env::temp_dir())
+    }
+
+    /// As [`new`](Self::new), the relay's private socket (`backend::relay`) in `relay_dir`: a
+    /// daemon passes its vhost-user socket's directory, where its sandbox lets it remove the
+    /// socket at exit.
+    pub fn new_in(
+        config: NetConfig,
+        ports: Vec<Arc<dyn Port>>,
+        relay_dir: &std::path::Path,
+    ) -> Result<Self, ServeError> {
         config.validate()?;
         if ports.len() != usize::from(config.queue_pairs) {
             return Err(ConfigError::Ports {
@@ -59,7 +71,8 @@ impl NetServer {
             .into());
         }
         let n = usize::from(config.queue_pairs);
-        let relay = Relay::new().map_err(|e| ServeError::Daemon(format!("relay: {e}")))?;
+        let relay =
+            Relay::new_in(relay_dir).map_err(|e| ServeError::Daemon(format!("relay: {e}")))?;
         Ok(NetServer {
             relay,
             config,
@@ -69,6 +82,12 @@ impl NetServer {
             connections: AtomicU64::new(0),
             drop_marks: drop_marks_requested(),
         })
+    }
+
+    /// Removes the files the server made for itself (the relay's private socket and
+    /// directory), for a process about to exit (`exit` runs no destructors).
+    pub fn cleanup(&self) {
+        self.relay.remove_files();
     }
 
     /// The device of the connected frontend, if any.
