@@ -71,7 +71,7 @@ struct Args {
 
     /// net: where frames come from: socket:PATH (the checker sends frames to the backend's
     /// unix datagram socket port PATH, pair k > 0 at PATH.k, and counts the guest's TX frames
-    /// coming back), tap:NAME[@NETNS] (frames sent through an AF_PACKET socket bound to the
+    /// coming back), tap:NAME or tap:NAME@NETNS (frames sent through an AF_PACKET socket bound to the
     /// backend's TAP interface NAME, in network namespace NETNS: a name from `ip netns` or a
     /// path; needs CAP_NET_RAW / root), or none (the backend makes its own traffic, e.g. dpdk-testpmd
     /// --forward-mode=txonly; no TX frames are sent, frame contents are not checked).
