@@ -118,7 +118,12 @@ def main():
             write_json(a.progress, {"sent": sent, "bytes": nbytes, "blocked": blocked,
                                     "seconds": round(now - t0, 3), "last_seq": a.seq_start + k - 1})
     secs = time.monotonic() - t0
-    st = p.stats(0xFFFF0002)
+    sock.settimeout(1.0)  # the stats query may wait for room in the port
+    try:
+        st = p.stats(0xFFFF0002)
+    except OSError as e:
+        print(f"netstream: final stats query: {e}", file=sys.stderr)
+        st = None
     res = {"sent": sent, "bytes": nbytes, "blocked": blocked, "seconds": round(secs, 3),
            "first_seq": a.seq_start, "last_seq": a.seq_start + k - 1,
            "frames_per_s": round(sent / secs, 1) if secs > 0 else 0, "guest": st,
