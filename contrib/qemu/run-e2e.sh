@@ -228,7 +228,7 @@ cleanup() {
 	local n
 	for n in "${!PID[@]}"; do stop_proc "$n" 3; done
 	rm -rf "$SOCKDIR"
-	[[ -n $RAMDIR ]] && rm -rf "$RAMDIR"
+	if [[ -n $RAMDIR && -z ${VDL_E2E_KEEP_RAM:-} ]]; then rm -rf "$RAMDIR"; elif [[ -n $RAMDIR ]]; then echo "RAM files kept (VDL_E2E_KEEP_RAM): $RAMDIR" >&2; fi
 	exit "$rc"
 }
 trap cleanup EXIT
@@ -364,6 +364,11 @@ wait_iter() {
 verdict_file="$out/result.txt"
 finish() { # finish RC MESSAGE
 	local rc="$1" msg="$2"
+	if [[ $rc -ne 0 || $negative -eq 1 ]] && [[ -n ${VDL_E2E_HOLD:-} ]]; then
+		# debugging: keep every process (and the RAM files) for inspection
+		vdl_log "HOLD (VDL_E2E_HOLD): $msg; sockets in $SOCKDIR, RAM in $RAMDIR; sleeping ${VDL_E2E_HOLD}s"
+		sleep "$VDL_E2E_HOLD"
+	fi
 	stop_stream
 	python3 "$VDL_QEMU_DIR/tools/summarize.py" "$out" --device "$device" --backend "$backend" --accel "$accel" \
 		--negative "$negative" --verdict "$msg" --rc "$rc" || true
@@ -555,13 +560,20 @@ for ((r = 1; r <= rounds; r++)); do
 	"${QMP[@]}" "$SOCKDIR/qmp-$src.sock" quit >/dev/null 2>&1 || true
 	stop_proc "qemu-$src" 10
 	stop_proc "backend-$src" 10
-	[[ $ram_check -eq 1 ]] && rm -f "$RAMDIR/ram-$src"
+	[[ $ram_check -eq 1 && -z ${VDL_E2E_KEEP_RAM:-} ]] && rm -f "$RAMDIR/ram-$src"
 
 	# The guest must go on iterating on the destination and check at least
 	# settle_iters full buffer sets there (every buffer filled on the source
 	# before the switch-over is checked at least once); net: receive
 	# settle_iters x $net_iter_frames more stream frames.
-	rc=0; wait_iter "$dst" $((src_last + settle_iters * iter_unit)) "$progress_timeout" || rc=$?
+	settle_from=$src_last
+	if [[ $device == net ]]; then
+		# the source's last counter line may be up to 500 ms old: count from
+		# the destination's first line instead
+		rc=0; wait_iter "$dst" 1 "$progress_timeout" || rc=$?
+		[[ $rc -eq 0 ]] && settle_from="$(first_iter "$dlog")"
+	fi
+	[[ ${rc:-0} -eq 0 ]] && { rc=0; wait_iter "$dst" $((settle_from + settle_iters * iter_unit)) "$progress_timeout" || rc=$?; }
 	dst_first="$(first_iter "$dlog")" dst_now="$(last_iter "$dlog")"
 	guest_json "$r" "$src" "$dst" "$before" "$src_last" "$dst_first" "$dst_now"
 	case $rc in
