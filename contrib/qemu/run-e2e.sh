@@ -46,8 +46,20 @@ Options:
                         comparison (the e2e as it was before the RAM check)
   --ram-dir DIR         where the RAM files go (default /dev/shm: tmpfs; two
                         guests' RAM at a time)
-  --stream-rate N       net: frames per second at most (default 0: as fast as
-                        the guest takes them)
+  --stream-rate N       net: frames per second (default $stream_rate; 0: as fast
+                        as the guest takes them). Keep it below what the guest
+                        can take (TCG: about 6000/s): with a full ring every
+                        buffer is filled right after the guest posts (and so
+                        zeroes) it, the guest's own writes then re-dirty nearly
+                        every page the backend writes, and lost marks would go
+                        unnoticed (see README.md, "Net migration")
+  --frame-size N        net: bytes per frame, 60..1514, 0 for netpeer's mix
+                        (default $frame_size: full-size frames fill whole
+                        mergeable RX buffers, which Linux then attaches to the
+                        skb without writing to them)
+  --switch-early        net: re-point the stream to the destination's port
+                        before 'cont' (default: once it runs), so frames wait
+                        there when its rings start
   --negative            negative control: make the backend lose its dirty-log
                         marks and expect the guest to detect the loss; exit 0
                         only if it does. ours: VHOST_DIRTYLOG_TEST_DROP_MARKS=1
@@ -93,7 +105,9 @@ accel=auto
 mem_mib=""
 ram_check=1
 ram_dir=/dev/shm
-stream_rate=0
+stream_rate=1000
+frame_size=1514
+switch_early=0
 net_iter_frames=500 # net: one "iteration" of the guest = this many stream frames
 mac=52:54:00:12:34:56
 buf_mib=96
@@ -114,6 +128,8 @@ while [[ $# -gt 0 ]]; do
 	--no-ram-check) ram_check=0; shift ;;
 	--ram-dir) need "$@"; ram_dir="$2"; shift 2 ;;
 	--stream-rate) need "$@"; stream_rate="$2"; shift 2 ;;
+	--frame-size) need "$@"; frame_size="$2"; shift 2 ;;
+	--switch-early) switch_early=1; shift ;;
 	--rounds) need "$@"; rounds="$2"; shift 2 ;;
 	--backend) need "$@"; backend="$2"; shift 2 ;;
 	--daemon) need "$@"; daemon="$2"; shift 2 ;;
@@ -138,7 +154,7 @@ done
 case "$device" in blk | net) ;; *) echo "run-e2e.sh: --device must be blk or net" >&2; exit 2 ;; esac
 [[ -n $mem_mib ]] || mem_mib=$([[ $device == net ]] && echo 256 || echo 512)
 [[ -n $daemon ]] || daemon="$VDL_REPO_DIR/target/release/vhost-dirtylog-$device"
-for v in stream_rate rounds mem_mib buf_mib disk_mib max_bw_mib downtime_ms warmup_iters settle_iters \
+for v in frame_size stream_rate rounds mem_mib buf_mib disk_mib max_bw_mib downtime_ms warmup_iters settle_iters \
 	boot_timeout migrate_timeout progress_timeout escalate_after; do
 	[[ "${!v}" =~ ^[0-9]+$ ]] || { echo "run-e2e.sh: --${v//_/-} must be a number" >&2; exit 2; }
 done
@@ -412,7 +428,7 @@ start_stream() {
 	[[ $stream_rate -gt 0 ]] && rate=(--rate "$stream_rate")
 	python3 "$VDL_QEMU_DIR/tools/netstream.py" --port "$SOCKDIR/port" --bind "$SOCKDIR/peer" \
 		--guest-mac "$mac" --progress "$out/stream.progress.json" --json "$out/stream.json" \
-		"${rate[@]}" >"$out/logs/netstream.log" 2>&1 &
+		--frame-size "$frame_size" "${rate[@]}" >"$out/logs/netstream.log" 2>&1 &
 	PID[netstream]=$!
 }
 stream_line=""
@@ -542,18 +558,20 @@ for ((r = 1; r <= rounds; r++)); do
 		# Any difference ends the run (a pass for the negative control).
 		ram_ok=1
 		ram_check_round "$r" "$src" "$dst" || ram_ok=0
-		[[ $device == net ]] && point_stream "$dst"
+		[[ $device == net && $switch_early -eq 1 ]] && point_stream "$dst"
 		"${QMP[@]}" "$SOCKDIR/qmp-$dst.sock" cmd cont >/dev/null || fail "round $r: 'cont' on the destination failed"
 		if [[ $ram_ok -eq 0 ]]; then
 			guest_json "$r" "$src" "$dst" "$before" "$(last_iter "$slog")" 0 0
 			detected "round $r: ${ram_line#ramcmp: } (source stopped, destination paused; $out/rounds/round-$r.ram.json)"
 		fi
-	elif [[ $device == net ]]; then
-		point_stream "$dst"
 	fi
 	# The destination resumes (by itself without the RAM check); the source stays paused.
 	dst_state="$("${QMP[@]}" "$SOCKDIR/qmp-$dst.sock" status --want running --timeout 30)" ||
 		fail "round $r: destination did not reach 'running' (state: $dst_state)"
+	# net: the stream follows the guest once the destination runs (its rings
+	# are started); --switch-early: before 'cont', so frames wait in the
+	# destination's port when its rings start
+	[[ $device == net && ($switch_early -eq 0 || $ram_check -eq 0) ]] && point_stream "$dst"
 	src_state="$("${QMP[@]}" "$SOCKDIR/qmp-$src.sock" status)" || src_state="?"
 	[[ $src_state == postmigrate ]] || vdl_log "round $r: note: source state is '$src_state' (expected postmigrate)"
 	src_last="$(last_iter "$slog")"

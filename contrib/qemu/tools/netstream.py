@@ -63,11 +63,15 @@ def main():
     ap.add_argument("--rate", type=float, default=0,
                     help="frames per second at most (default 0: as fast as the port takes them)")
     ap.add_argument("--seq-start", type=int, default=1000000)
+    ap.add_argument("--frame-size", type=int, default=0,
+                    help="every frame this many bytes (60..1514; default 0: netpeer's sizes 60..1514)")
     ap.add_argument("--progress", help="JSON progress file, rewritten every --progress-s")
     ap.add_argument("--progress-s", type=float, default=0.5)
     ap.add_argument("--json", help="final totals as JSON")
     ap.add_argument("--timeout", type=float, default=10.0, help="final stats query, seconds")
     a = ap.parse_args()
+    if a.frame_size and not netpeer.MIN_FRAME <= a.frame_size <= netpeer.MAX_FRAME:
+        ap.error("--frame-size must be 60..1514")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
@@ -88,7 +92,7 @@ def main():
     while not stop:
         if f is None:
             f = netpeer.build(p.guest_mac, p.mac, netpeer.STREAM, a.seq_start + k,
-                              netpeer.frame_size(k))
+                              a.frame_size or netpeer.frame_size(k))
             f[19] = 0  # stream 0
             struct.pack_into(">I", f, 26, 1)  # stride 1
             f = bytes(f)
