@@ -61,8 +61,8 @@ Options:
                         before 'cont' (default: once it runs), so frames wait
                         there when its rings start
   --negative            negative control: make the backend lose its dirty-log
-                        marks and expect the guest to detect the loss; exit 0
-                        only if it does. ours: VHOST_DIRTYLOG_TEST_DROP_MARKS=1
+                        marks and expect the loss to be detected (differing RAM
+                        pages, or the guest's own check); exit 0 only if it is. ours: VHOST_DIRTYLOG_TEST_DROP_MARKS=1
                         (honoured by a build with --features test-drop-marks);
                         qsd: LD_PRELOAD shim (tools/dropmarks.c) that maps the
                         log fd of SET_LOG_BASE privately
