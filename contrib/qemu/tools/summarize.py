@@ -4,7 +4,7 @@
 (from query-migrate) and guest progress, as a table on stdout and as
 summary.json + summary.md in the directory.
 
-    summarize.py OUT_DIR [--backend B] [--accel A] [--negative 0|1] [--verdict TEXT] [--rc N]
+    summarize.py OUT_DIR [--device blk|net] [--backend B] [--accel A] [--negative 0|1] [--verdict TEXT] [--rc N]
     summarize.py --oneline ROUND.migrate.json
 """
 import argparse
@@ -27,13 +27,14 @@ def load(path):
 def rounds(out):
     found = {}
     for p in glob.glob(os.path.join(out, "rounds", "round-*.*.json")):
-        m = re.search(r"round-(\d+)\.(migrate|guest)\.json$", p)
+        m = re.search(r"round-(\d+)\.(migrate|guest|ram)\.json$", p)
         if m:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = load(p)
     rows = []
     for r in sorted(found):
         mig = found[r].get("migrate") or {}
         guest = found[r].get("guest") or {}
+        rc = found[r].get("ram") or {}
         q = mig.get("query_migrate") or {}
         ram = q.get("ram") or {}
         rows.append(
@@ -61,6 +62,11 @@ def rounds(out):
                 "dst_first_iter": guest.get("dst_first_iter"),
                 "dst_iter_checked": guest.get("dst_iter_checked"),
                 "mismatch_words_total": guest.get("mismatch_words_total"),
+                "ram_pages_compared": rc.get("pages"),
+                "ram_pages_differing": rc.get("differing_pages"),
+                "ram_first_differing_gpa": (rc.get("first_differing") or [{}])[0].get("gpa"),
+                "frames_streamed": guest.get("frames_streamed"),
+                "guest_stream_rx": guest.get("guest_stream_rx"),
                 "downtime_limit_escalated_at_s": mig.get("downtime_limit_escalated_at"),
                 "error": q.get("error-desc"),
             }
@@ -93,18 +99,30 @@ COLUMNS = [
     ("Mbps", "mbps", None),
     ("guest iter (start/src last/dst first/dst checked)", None, None),
     ("mismatch words", "mismatch_words_total", None),
+    ("RAM pages compared", "ram_pages_compared", None),
+    ("RAM pages differing", "ram_pages_differing", None),
+]
+NET_COLUMNS = [
+    ("frames streamed (total)", "frames_streamed", None),
+    ("guest stream rx (total)", "guest_stream_rx", None),
 ]
 
 
-def table(rows):
-    head = [c[0] for c in COLUMNS]
+def table(rows, device="blk"):
+    cols = COLUMNS
+    if device == "net":
+        # the guest's progress is its stream counter; words are not checked
+        cols = [c for c in COLUMNS if c[1] != "mismatch_words_total"] + NET_COLUMNS
+        cols = [("guest stream frames (start/src last/dst first/dst checked)", None, None)
+                if c[0].startswith("guest iter") else c for c in cols]
+    head = [c[0] for c in cols]
     body = []
     for r in rows:
         line = []
-        for name, key, scale in COLUMNS:
+        for name, key, scale in cols:
             if name == "src->dst":
                 line.append(f"{r['src']}->{r['dst']}")
-            elif name.startswith("guest iter"):
+            elif name.startswith("guest iter") or name.startswith("guest stream frames"):
                 line.append(
                     "/".join(
                         fmt(r[k])
@@ -144,6 +162,7 @@ def main():
     ap.add_argument("--negative", default="0")
     ap.add_argument("--verdict", default="")
     ap.add_argument("--rc", type=int, default=None)
+    ap.add_argument("--device", default="blk", choices=("blk", "net"))
     a = ap.parse_args()
 
     rows = rounds(a.out)
@@ -151,6 +170,7 @@ def main():
     summary = {
         "verdict": a.verdict,
         "exit_code": a.rc,
+        "device": a.device,
         "backend": a.backend,
         "accel": a.accel,
         "negative_control": a.negative == "1",
@@ -160,17 +180,21 @@ def main():
     with open(os.path.join(a.out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
 
-    head, body = table(rows)
+    head, body = table(rows, a.device)
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     text = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     text += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     print("\n".join(text))
 
-    md = [f"# vhost-user-blk live migration under guest I/O: {a.verdict}", ""]
+    what = ("vhost-user-net live migration under streamed frames" if a.device == "net"
+            else "vhost-user-blk live migration under guest I/O")
+    md = [f"# {what}: {a.verdict}", ""]
     md.append(
         f"backend `{a.backend}`, accelerator `{a.accel}`, QEMU `{config.get('qemu', '?')}`, "
         f"guest kernel `{config.get('kernel', '?')}`, guest RAM {config.get('mem_mib', '?')} MiB, "
-        f"buffers {config.get('buf_mib', '?')} MiB, disk {config.get('disk_mib', '?')} MiB, "
+        + (f"buffers {config.get('buf_mib', '?')} MiB, disk {config.get('disk_mib', '?')} MiB, "
+           if a.device == "blk" else "")
+        + f"RAM compared page by page: {'yes' if config.get('ram_check') else 'no'}, "
         f"max-bandwidth {config.get('max_bandwidth_mib_s', '?')} MiB/s, "
         f"downtime-limit {config.get('downtime_limit_ms', '?')} ms"
         + (", **negative control** (marks dropped)" if a.negative == "1" else "")
