@@ -194,6 +194,12 @@ struct Pair {
     /// The RX path's batch of log marks (created at the first burst; see
     /// [`NetConfig::batch_marks`]).
     batch: Option<LogBatch>,
+    /// RX used elements were published and the driver asked to be notified, but the ring had
+    /// no call eventfd yet (QEMU sends `SET_VRING_KICK` before `SET_VRING_CALL`, and frames
+    /// may already wait in the port when the ring starts): the interrupt is owed and raised
+    /// at the next RX event once the call fd is there. Without this the driver, whose
+    /// `used_event` stays behind, would never be told (EVENT_IDX suppresses later ones).
+    rx_owed: bool,
     /// The port had no room for a TX frame: its chain was given back to the avail ring
     /// (`go_to_previous_position`) and TX waits for the port to become writable (`EPOLLOUT`).
     tx_blocked: bool,
@@ -453,6 +459,12 @@ impl NetDevice {
         // Kicks are not needed while buffers last.
         let _ = state.disable_notification();
         let mut bursts = 0;
+        if p.rx_owed && state.get_call().is_some() {
+            p.rx_owed = false;
+            if let Err(e) = state.signal_used_queue() {
+                log::warn!("pair {pair}: cannot signal the RX queue: {e}");
+            }
+        }
         if self.inner.config.batch_marks && p.batch.is_none() {
             p.batch = Some(self.inner.log.batch());
         }
@@ -739,9 +751,14 @@ impl NetDevice {
                 Err(_) => true,
             }
         };
-        if notify {
-            if let Err(e) = state.signal_used_queue() {
-                log::warn!("pair {pair}: cannot signal the RX queue: {e}");
+        if notify || p.rx_owed {
+            if state.get_call().is_none() {
+                p.rx_owed = true;
+            } else {
+                p.rx_owed = false;
+                if let Err(e) = state.signal_used_queue() {
+                    log::warn!("pair {pair}: cannot signal the RX queue: {e}");
+                }
             }
         }
         None
