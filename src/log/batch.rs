@@ -179,11 +179,12 @@ pub(crate) fn record_routed(log: &DirtyLog, gpa: u64, len: u64) -> bool {
     if p.is_null() {
         return false;
     }
-    // SAFETY: ROUTE is non-null only while `LogBatch::scope` runs on this thread: it stores a
-    // pointer to the batch it borrows (`&self`, so the batch can neither move nor be dropped
-    // until the scope returns) and restores the previous value when it ends, by return or
-    // unwind (the `ScopeExit` guard). The batch is only used through shared references and
-    // `Cell`s, so this reference aliases the scope's own `&self` soundly.
+    // ROUTE is non-null only while `LogBatch::scope` runs on this thread: it stores a pointer
+    // to the batch it borrows (`&self`, so the batch can neither move nor be dropped until the
+    // scope returns) and restores the previous value when it ends, by return or unwind (the
+    // `ScopeExit` guard).
+    // SAFETY: `p` points to a live batch borrowed by that scope; the batch is only used through
+    // shared references and `Cell`s, so this reference aliases the scope's `&self` soundly.
     let batch = unsafe { &*p };
     if !batch.log.ptr_eq(log) {
         return false;
