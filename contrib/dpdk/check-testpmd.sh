@@ -118,7 +118,7 @@ fi
 
 # The fault modes: none, then every kind the checker names in its error for an unknown one.
 if [[ -z $FAULTS ]]; then
-	kinds=$("$CHECK" --device net --fault '?' /nonexistent 2>&1 | sed -n 's/.*unknown fault "?" (\(.*\)).*/\1/p' | tr -d ' ')
+	kinds=$("$CHECK" --device net --fault '?' /nonexistent 2>&1 | sed -n 's/.*unknown fault "?" (\(.*\)).*/\1/p' | tr -d ' ') || true
 	[[ -n $kinds ]] || kinds="log-resize,mem-table,log-toggle,reconnect,vring-addr,all,none"
 	FAULTS=none
 	IFS=, read -r -a ks <<<"$kinds"

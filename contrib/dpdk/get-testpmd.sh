@@ -114,31 +114,45 @@ debs="$dir/debs"
 # to the directory; that is harmless, but keep the output clean when we can.
 if [[ $(id -u) -eq 0 ]] && id _apt >/dev/null 2>&1; then chown _apt "$debs" 2>/dev/null || true; fi
 
+# Candidate versions, looked up once per package (apt-cache is slow to start).
+declare -A CAND=()
+candidates() {
+	local p v
+	while read -r p v; do
+		CAND[$p]=$v
+	done < <(apt-cache policy "$@" 2>/dev/null | awk '
+		/^[^ ]/ { p = $1; sub(/:$/, "", p) }
+		/^  Candidate:/ { print p, $2 }')
+}
+cand() {
+	[[ -n ${CAND[$1]:-} ]] || candidates "$1"
+	local v=${CAND[$1]:-}
+	[[ -n $v && $v != "(none)" ]] || die "package $1 has no candidate version (apt-get update?)"
+	echo "${v//:/%3a}"
+}
+# deb_of PKG: the downloaded .deb of PKG's candidate version (empty if not there).
+deb_of() { compgen -G "$debs/${1}_$(cand "$1")_*.deb" | head -n1 || true; }
 # download PKG...: fetches the candidate .deb of each package into $debs (skipped if there).
 download() {
-	local p v f need=()
+	local p need=()
+	candidates "$@"
 	for p in "$@"; do
-		v=$(apt-cache policy "$p" | awk '/Candidate:/ {print $2}')
-		[[ -n $v && $v != "(none)" ]] || die "package $p has no candidate version (apt-get update?)"
-		v=${v//:/%3a}
-		f=$(compgen -G "$debs/${p}_${v}_*.deb" | head -n1 || true)
-		[[ -n $f ]] || need+=("$p")
+		[[ -n $(deb_of "$p") ]] || need+=("$p")
 	done
 	[[ ${#need[@]} -eq 0 ]] && return 0
 	log "apt-get download ${#need[@]} package(s): ${need[*]}"
 	(cd "$debs" && apt-get download -qq "${need[@]}" 2>&1 | grep -v 'unsandboxed' >&2) || true
 	for p in "${need[@]}"; do
-		v=$(apt-cache policy "$p" | awk '/Candidate:/ {print $2}')
-		v=${v//:/%3a}
-		compgen -G "$debs/${p}_${v}_*.deb" >/dev/null || die "apt-get download $p failed"
+		[[ -n $(deb_of "$p") ]] || die "apt-get download $p failed"
 	done
 }
-deb_of() {
-	local v
-	v=$(apt-cache policy "$1" | awk '/Candidate:/ {print $2}')
-	compgen -G "$debs/${1}_${v//:/%3a}_*.deb" | head -n1
+# The C runtime always comes from the system (a private libc would not match its ld.so).
+# VDL_DPDK_BARE=1 pretends no other library is installed (to test what a bare machine needs).
+installed() {
+	case "$1" in libc6 | libgcc-s1 | libstdc++6 | libcrypt1) return 0 ;; esac
+	[[ ${VDL_DPDK_BARE:-0} != 1 ]] || return 1
+	[[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
 }
-installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]; }
 
 # 1. dpdk-dev: only usr/bin/dpdk-testpmd out of it (the rest are headers and tools).
 download dpdk-dev
