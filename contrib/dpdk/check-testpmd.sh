@@ -21,8 +21,8 @@
 #
 # Usage: contrib/dpdk/check-testpmd.sh [OPTIONS]
 #   --runs N            runs per backend, VMM style and fault mode (default 3)
-#   --faults LIST       fault modes, comma-separated (default: none and every --fault kind the
-#                       checker knows, one at a time; `all` is accepted too)
+#   --faults LIST       fault modes, comma-separated (default: none, every --fault kind the
+#                       checker knows one at a time, then all of them together: all)
 #   --styles LIST       VMM styles: qemu,ch (default both)
 #   --backends LIST     see above
 #   --duration TIME     checker --duration of each run (default 3s)
@@ -36,6 +36,8 @@
 #   --checker-arg ARG   one more argument for every checker run (repeatable)
 #   --ours-arg ARG      one more argument for vhost-dirtylog-net (repeatable), e.g.
 #                       --ours-arg=--seccomp-action=log
+#   --ours-bin PATH     vhost-dirtylog-net binary to run as "ours" (e.g. the negative-control
+#                       build: cargo build --release --features test-drop-marks)
 # The binaries come from ${CARGO_TARGET_DIR:-target}/release (built if missing). testpmd polls
 # one CPU at 100% while it runs: one backend runs at a time, and is stopped (SIGINT, then
 # SIGKILL) after every run. Exit status: 0 done (whatever the checker found: see the table),
@@ -60,6 +62,7 @@ BENCH_PHASES=200
 BENCH_PHASE=50ms
 CHECKER_ARGS=()
 OURS_ARGS=()
+NETD=""
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--runs) RUNS=$2; shift 2 ;;
@@ -76,9 +79,10 @@ while [[ $# -gt 0 ]]; do
 	--bench-phase) BENCH_PHASE=$2; shift 2 ;;
 	--checker-arg) CHECKER_ARGS+=("$2"); shift 2 ;;
 	--checker-arg=*) CHECKER_ARGS+=("${1#*=}"); shift ;;
+	--ours-bin) NETD=$2; shift 2 ;;
 	--ours-arg) OURS_ARGS+=("$2"); shift 2 ;;
 	--ours-arg=*) OURS_ARGS+=("${1#*=}"); shift ;;
-	-h | --help) sed -n '3,43p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) sed -n '3,45p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) echo "check-testpmd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
@@ -95,7 +99,7 @@ if [[ ! -x $BIN/vhost-dirtylog-check || ! -x $BIN/vhost-dirtylog-net ]]; then
 	cargo build --release --bin vhost-dirtylog-check --bin vhost-dirtylog-net >&2 || die "cargo build failed"
 fi
 CHECK=$BIN/vhost-dirtylog-check
-NETD=$BIN/vhost-dirtylog-net
+NETD=${NETD:-$BIN/vhost-dirtylog-net}
 
 IFS=, read -r -a backends <<<"$BACKENDS"
 IFS=, read -r -a styles <<<"$STYLES"
@@ -125,6 +129,7 @@ if [[ -z $FAULTS ]]; then
 	for k in "${ks[@]}"; do
 		[[ $k == all || $k == none ]] || FAULTS+=",$k"
 	done
+	FAULTS+=",all"
 fi
 IFS=, read -r -a faults <<<"$FAULTS"
 [[ $BENCH -eq 1 ]] && faults=(bench) styles=(qemu)
@@ -255,7 +260,7 @@ version() {
 			echo "DPDK $(dpkg-query -W -f '${Version}' dpdk-dev 2>/dev/null || echo '?') ($TESTPMD)"
 		fi
 		;;
-	*) "$NETD" --version 2>/dev/null | head -n1 ;;
+	*) echo "$("$NETD" --version 2>/dev/null | head -n1) ($NETD)" ;;
 	esac
 }
 

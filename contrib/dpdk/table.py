@@ -122,7 +122,7 @@ def check_tables(d, rows):
             "| %s | %s | %d | %.0f | %.0f | %.0f%% | %.0f | %s |"
             % (
                 NAMES.get(b, b),
-                n[0]["traffic"].split("@")[0].replace(d, "…"),
+                n[0]["traffic"].split(":")[0],
                 len(rs),
                 fps,
                 rx,
