@@ -50,6 +50,19 @@ for arg in "$@"; do
 	esac
 done
 dir=${dir:-$REPO_DIR/target/dpdk}
+mkdir -p "$dir" || { echo "get-testpmd.sh: cannot create $dir" >&2; exit 1; }
+dir=$(cd "$dir" && pwd)
+# EAL loads a -d directory only if neither it nor any parent is writable by others (DPDK
+# 22.11: "directory path /tmp is world-writable and insecure", then "Cannot init plugins").
+p=$dir
+while [[ -n $p ]]; do
+	if [[ -n $(find "$p" -maxdepth 0 -perm -0002 2>/dev/null) ]]; then
+		echo "get-testpmd.sh: $p is writable by everyone: DPDK's EAL refuses to load PMDs from $dir; choose a DIR outside it (e.g. under the repository's target/)" >&2
+		exit 1
+	fi
+	[[ $p == / ]] && break
+	p=$(dirname "$p")
+done
 
 log() { printf '[get-testpmd] %s\n' "$*" >&2; }
 die() {
