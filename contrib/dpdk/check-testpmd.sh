@@ -20,7 +20,7 @@
 #   ours-tap     vhost-dirtylog-net --tap IF in a private network namespace: --traffic tap. Root.
 #
 # Usage: contrib/dpdk/check-testpmd.sh [OPTIONS]
-#   --runs N            runs per backend, VMM style and fault mode (default 3)
+#   --runs N            runs per backend, VMM style and fault mode (default 3; --bench: 1)
 #   --faults LIST       fault modes, comma-separated (default: none, every --fault kind the
 #                       checker knows one at a time, then all of them together: all)
 #   --styles LIST       VMM styles: qemu,ch (default both)
@@ -82,7 +82,7 @@ while [[ $# -gt 0 ]]; do
 	--ours-bin) NETD=$2; shift 2 ;;
 	--ours-arg) OURS_ARGS+=("$2"); shift 2 ;;
 	--ours-arg=*) OURS_ARGS+=("${1#*=}"); shift ;;
-	-h | --help) sed -n '3,45p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print } /^set -euo/ { exit }' "$0"; exit 0 ;;
 	*) echo "check-testpmd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
 done

@@ -5,8 +5,9 @@
 # needs (plus the vhost, null, tap and pcap PMDs) from the distribution's packages (Debian
 # bookworm: DPDK 22.11, ABI 23) WITHOUT installing anything: the .debs are fetched with
 # `apt-get download` and unpacked with `dpkg-deb -x` into DIR (default target/dpdk of the
-# repository). A plain `apt-get install dpdk-dev` pulls in rdma-core, udev and systemd
-# upgrades; this does not.
+# repository; not under a world-writable directory such as /tmp, whose PMDs EAL refuses to
+# load). A plain `apt-get install dpdk-dev` pulls in rdma-core, udev and systemd upgrades;
+# this does not.
 #
 # Which packages: the librte-* packages that provide the librte_*.so sonames testpmd links
 # (ldd of the unpacked binary; soname librte_net_vhost.so.23 -> package librte-net-vhost23,
@@ -33,7 +34,7 @@ for arg in "$@"; do
 	case "$arg" in
 	--force) force=1 ;;
 	-h | --help)
-		sed -n '3,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+		awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print } /^set -euo/ { exit }' "$0"
 		exit 0
 		;;
 	-*)
