@@ -121,8 +121,16 @@ fn place(regions: &[RegionSpec], size: u64) -> RegionSpec {
 /// A queue at `at`; with `isolate_event`, the used ring is placed so that its last field,
 /// `avail_event`, starts a page of its own (split virtqueues only need 4-byte alignment), so a
 /// backend that writes `avail_event` without logging it cannot hide behind the logged used-index
-/// update on the same page.
-fn queue_layout(at: u64, qsize: u16, isolate_event: bool) -> Result<QueueLayout, CheckError> {
+/// update on the same page. With `own_pages` as well, the rest of the used ring (flags, index,
+/// elements) starts after the avail ring's last page, so no guest write (the avail ring,
+/// `used_event`) shares a page with it either: an unlogged used-element write is not hidden
+/// by the guest's next avail update (net: the RX queue is reposted after every frame).
+fn queue_layout(
+    at: u64,
+    qsize: u16,
+    isolate_event: bool,
+    own_pages: bool,
+) -> Result<QueueLayout, CheckError> {
     let l = QueueLayout::new(at, qsize).map_err(|e| CheckError::Invalid(e.to_string()))?;
     if !isolate_event {
         return Ok(l);
@@ -130,7 +138,11 @@ fn queue_layout(at: u64, qsize: u16, isolate_event: bool) -> Result<QueueLayout,
     // flags, idx, ring[N]: everything before avail_event.
     let ring = 4 + 8 * u64::from(qsize);
     let avail_end = l.avail + QueueLayout::avail_bytes(qsize);
-    let used = (avail_end + ring).next_multiple_of(4096) - ring;
+    let used = if own_pages {
+        avail_end.next_multiple_of(4096) + ring.next_multiple_of(4096) - ring
+    } else {
+        (avail_end + ring).next_multiple_of(4096) - ring
+    };
     Ok(QueueLayout { used, ..l })
 }
 
@@ -181,7 +193,7 @@ pub(super) fn plan(
     let mut at = r0.gpa;
     let mut queues = Vec::new();
     for _ in 0..nq {
-        let l = queue_layout(at, qsize, isolate_event)?;
+        let l = queue_layout(at, qsize, isolate_event, device == Device::Net)?;
         queues.push(l);
         at = l.end().next_multiple_of(4096);
     }
@@ -296,6 +308,31 @@ mod tests {
         // Without isolation the used ring starts a page, as QueueLayout::new puts it.
         let p = plan(Device::Blk, &layout, 1, 256, false, 128 << 10, false).unwrap();
         assert_eq!(p.queues[0], QueueLayout::new(0, 256).unwrap());
+    }
+
+    #[test]
+    fn net_used_rings_share_no_page_with_guest_writes() {
+        let layout = default_layout(48 << 20, 3).unwrap();
+        for qsize in [128u16, 256, 1024] {
+            let p = plan(Device::Net, &layout, 4, qsize, true, 8192, false).unwrap();
+            for l in &p.queues {
+                let avail_last = (l.avail + QueueLayout::avail_bytes(qsize) - 1) >> 12;
+                assert!(l.used >> 12 > avail_last, "{l:?}");
+                assert_eq!((l.end() - 2) % 4096, 0, "{l:?}");
+                assert_eq!(l.used % 4, 0);
+            }
+            for w in p.queues.windows(2) {
+                assert!(w[0].end() <= w[1].desc);
+            }
+        }
+        let p = plan(Device::Net, &layout, 2, 256, true, 8192, false).unwrap();
+        let used = p.queues[1].used_pages();
+        assert_eq!(p.page_kind(*used.start()), Some("tx-used-ring"));
+        assert_eq!(
+            p.page_kind(*p.queues[0].used_pages().end()),
+            Some("rx-used-ring")
+        );
+        assert_eq!(p.page_kind(p.scratch[1] >> 12), Some("tx-buffer"));
     }
 
     #[test]
