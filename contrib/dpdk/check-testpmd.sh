@@ -36,12 +36,14 @@
 #   --checker-arg ARG   one more argument for every checker run (repeatable)
 #   --ours-arg ARG      one more argument for vhost-dirtylog-net (repeatable), e.g.
 #                       --ours-arg=--seccomp-action=log
+#   --strict            exit 3 if a run of ours (vhost-dirtylog-net) did not pass (for CI;
+#                       DPDK's results are findings, never a failure)
 #   --ours-bin PATH     vhost-dirtylog-net binary to run as "ours" (e.g. the negative-control
 #                       build: cargo build --release --features test-drop-marks)
 # The binaries come from ${CARGO_TARGET_DIR:-target}/release (built if missing). testpmd polls
 # one CPU at 100% while it runs: one backend runs at a time, and is stopped (SIGINT, then
 # SIGKILL) after every run. Exit status: 0 done (whatever the checker found: see the table),
-# 1 setup failure, 2 usage.
+# 1 setup failure, 2 usage, 3 (--strict) a run of ours did not pass.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 REPO=$PWD
@@ -58,6 +60,7 @@ OUT=""
 TESTPMD=""
 SYSTEM_TESTPMD=0
 BENCH=0
+STRICT=0
 BENCH_PHASES=200
 BENCH_PHASE=50ms
 CHECKER_ARGS=()
@@ -75,6 +78,7 @@ while [[ $# -gt 0 ]]; do
 	--testpmd) TESTPMD=$2; shift 2 ;;
 	--system-testpmd) SYSTEM_TESTPMD=1; shift ;;
 	--bench) BENCH=1; shift ;;
+	--strict) STRICT=1; shift ;;
 	--bench-phases) BENCH_PHASES=$2; shift 2 ;;
 	--bench-phase) BENCH_PHASE=$2; shift 2 ;;
 	--checker-arg) CHECKER_ARGS+=("$2"); shift 2 ;;
@@ -320,3 +324,10 @@ python3 "$REPO/contrib/dpdk/table.py" "$OUT" >"$OUT/results.md" || die "table.py
 cat "$OUT/results.md"
 log "results: $OUT/results.md (per run: $OUT/*.json, *.stderr, *.backend.log)"
 [[ $fail_setup -eq 0 ]] || die "$fail_setup run(s) without a backend (see runs.tsv)"
+if [[ $STRICT -eq 1 ]]; then
+	bad=$(awk -F'\t' 'NR > 1 && $1 ~ /^ours/ && $5 != "0"' "$OUT/runs.tsv" | wc -l)
+	if [[ $bad -gt 0 ]]; then
+		log "--strict: $bad run(s) of vhost-dirtylog-net did not pass (see $OUT/results.md)"
+		exit 3
+	fi
+fi
