@@ -4,8 +4,8 @@
 # migration end-to-end test with its negative control and the qemu-storage-daemon reference.
 #
 # On a fresh Debian machine run it as root (or with sudo available): it installs QEMU and the
-# guest kernel it needs with apt-get (contrib/qemu/install-deps.sh). Without /dev/kvm the QEMU
-# part is skipped loudly; everything else still runs.
+# guest kernel it needs with apt-get (contrib/qemu/install-deps.sh). Without a usable /dev/kvm the
+# QEMU part runs under TCG (said loudly).
 #
 # Environment: E2E_ROUNDS (default 5), SKIP_E2E=1 to run only the cargo tests.
 set -euo pipefail
