@@ -52,6 +52,8 @@ pub mod driver;
 pub mod log;
 #[cfg(feature = "net")]
 pub mod net;
+#[cfg(any(feature = "blk", feature = "net"))]
+mod serve;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 #[cfg(any(feature = "blk", feature = "driver"))]

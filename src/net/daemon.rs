@@ -11,10 +11,10 @@
 //! `VHOST_DIRTYLOG_TEST_DROP_MARKS=1`, the daemon suppresses its log handle: it advertises and
 //! acknowledges LOG_ALL but never marks. Tests use it to prove they catch lost pages.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::serve::{drop_marks_requested, wait_readable, wait_refusing_others};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -98,7 +98,8 @@ impl NetServer {
     /// Accepts one frontend on `listener` and serves it until it disconnects. A protocol error
     /// ends the connection (logged), not the server.
     pub fn serve_one(&self, listener: &mut Listener) -> Result<(), ServeError> {
-        wait_readable(listener)?;
+        wait_readable(listener)
+            .map_err(|e| ServeError::Daemon(format!("waiting for a frontend: {e}")))?;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend =
             NetDevice::into_backend(self.config.clone(), self.ports.clone(), mem.clone())?;
@@ -221,55 +222,9 @@ fn accept(listener: &mut Listener) -> Result<std::os::unix::net::UnixStream, Ser
                     .map_err(|e| ServeError::Daemon(format!("accepting a frontend: {e}")))?;
                 return Ok(s);
             }
-            Ok(None) => wait_readable(listener)?,
+            Ok(None) => wait_readable(listener)
+                .map_err(|e| ServeError::Daemon(format!("waiting for a frontend: {e}")))?,
             Err(e) => return Err(ServeError::Daemon(format!("accepting a frontend: {e}"))),
         }
     }
-}
-
-/// Blocks until a frontend is waiting to be accepted on `listener`.
-fn wait_readable(listener: &Listener) -> Result<(), ServeError> {
-    loop {
-        let mut fd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `fd` is a live, initialised pollfd; poll only writes its `revents`.
-        let rc = unsafe { libc::poll(&mut fd, 1, -1) };
-        if rc > 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if rc < 0 && e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(ServeError::Daemon(format!("waiting for a frontend: {e}")));
-        }
-    }
-}
-
-#[cfg(feature = "daemon")]
-fn wait_refusing_others<R>(listener: &Listener, wait: impl FnOnce() -> R) -> R {
-    crate::daemon::socket::refusing_others(listener, wait)
-}
-
-#[cfg(not(feature = "daemon"))]
-fn wait_refusing_others<R>(_listener: &Listener, wait: impl FnOnce() -> R) -> R {
-    wait()
-}
-
-#[cfg(not(feature = "test-drop-marks"))]
-fn drop_marks_requested() -> bool {
-    false
-}
-
-#[cfg(feature = "test-drop-marks")]
-fn drop_marks_requested() -> bool {
-    let on = std::env::var_os("VHOST_DIRTYLOG_TEST_DROP_MARKS").is_some_and(|v| v == "1");
-    if on {
-        log::warn!(
-            "TEST MODE: VHOST_DIRTYLOG_TEST_DROP_MARKS=1: dirty logging is advertised but never \
-             turned on; migrations WILL lose pages"
-        );
-    }
-    on
 }
