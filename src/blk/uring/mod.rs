@@ -6,6 +6,8 @@
 //! event ([`super::BlkDevice::attach`]). A kick or a completion event runs `Engine::run`:
 //! reap completions, pop new chains and turn them into SQEs, submit, and repeat until nothing
 //! moves; then notify the driver once (EVENT_IDX suppression through `needs_notification`).
+//! `O_DIRECT` requests are submitted one by one as they are popped (the device starts each at
+//! once); buffered ones once per batch (they mostly complete inside the submit call).
 //! Completion order is free (virtio 1.2 §5.2.6: the device may complete requests in any order).
 //!
 //! ## Data and marks (DESIGN invariant 2: data before mark)
@@ -119,8 +121,9 @@ unsafe impl Send for InFlight {}
 enum Started {
     /// Completed without the disk (parse error, GET_ID): the used length.
     Now(u32),
-    /// In the disk.
-    InFlight,
+    /// In the disk; `submit_now`: its SQEs go to the kernel before the next chain is popped
+    /// (see [`Engine::pop`]).
+    InFlight { submit_now: bool },
 }
 
 /// Why [`Engine::run`] runs and how the ring was negotiated.

@@ -80,7 +80,12 @@ impl Engine {
                         }
                         self.need_signal = true;
                     }
-                    Started::InFlight => started += 1,
+                    Started::InFlight { submit_now } => {
+                        started += 1;
+                        if submit_now {
+                            self.submit(qidx);
+                        }
+                    }
                 }
             }
             if !event_idx {
@@ -175,7 +180,15 @@ impl Engine {
             synced: false,
         }));
         self.push_step(slot, ctx);
-        Started::InFlight
+        // O_DIRECT goes to the device: submitted at once, the device starts it while the rest
+        // of the batch is parsed, as qemu-storage-daemon's export does (one `io_uring_enter`
+        // per request). Measured on a virtio disk, 4 KiB random reads at QD32: 68-73k IOPS
+        // this way against 50-60k with one submit per batch (and 66-68k for qsd), same run.
+        // Buffered I/O usually completes inside `io_uring_enter` (page-cache hits), where one
+        // call per batch saves the syscalls: 185-214k against 173-191k IOPS the other way.
+        Started::InFlight {
+            submit_now: matches!(path, DataPath::DirectZeroCopy | DataPath::DirectBounce),
+        }
     }
 
     /// Builds the SQEs of the slot's current step.
