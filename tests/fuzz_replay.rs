@@ -255,6 +255,7 @@ fn replay_backend_messages() {
         "log-attached-after-unlogged-writes",
         "log-view-smaller",
         "log-view-widened",
+        "all-dirty-log-widened",
         "carry-marked",
         "session",
     ] {
