@@ -15,6 +15,7 @@
 #   threads-1q-qd32  ours --direct               vs qsd aio=threads,cache.direct=on    1 queue,  QD32
 #
 # Usage: contrib/bench/blk-vs-qsd.sh [--dir DIR] [--phases N] [--phase TIME] [--only NAME]...
+#                                    [--aio MODE]
 #   --dir DIR     where the images go (default: target/bench-qsd; must support O_DIRECT, so not
 #                 tmpfs)
 #   --phases N    --bench-phases per backend and configuration (multiple of 8; default 200),
@@ -40,7 +41,7 @@ while [[ $# -gt 0 ]]; do
 	--phase) PHASE=$2; shift 2 ;;
 	--only) ONLY+=("$2"); shift 2 ;;
 	--aio) AIO=(--aio "$2"); shift 2 ;;
-	-h | --help) sed -n '3,28p' "$0"; exit 0 ;;
+	-h | --help) sed -n '4,27s/^# \{0,1\}//p' "$0"; exit 0 ;;
 	*) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
 	esac
 done
