@@ -382,6 +382,25 @@ struct LogFile {
     may: Vec<u8>,
 }
 
+impl LogFile {
+    /// The file's bits `[first, last]` (file bit coordinates) are expected set: required when
+    /// `must`, allowed otherwise. Bits past the end of the fd (an accepted log that ends inside
+    /// its last page) are invisible to a reader of the file and left out. Returns whether any
+    /// of them lies in the file.
+    fn expect_bits(&mut self, first: u64, last: u64, must: bool) -> bool {
+        let file_bits = self.len * 8;
+        if first >= file_bits {
+            return false;
+        }
+        let last = last.min(file_bits - 1);
+        if must {
+            set_bits(&mut self.must, first, last);
+        }
+        set_bits(&mut self.may, first, last);
+        true
+    }
+}
+
 #[derive(Clone, Copy)]
 struct AttachedLog {
     file: usize,
@@ -966,15 +985,10 @@ impl State<'_> {
                 view
             };
             let lf = &mut self.files[fi];
-            let (b0, b1) = (offset * 8, (offset + view) * 8 - 1);
-            let file_bits = lf.len * 8;
-            if b0 < file_bits {
-                if must_view > 0 {
-                    let m1 = (offset + must_view) * 8 - 1;
-                    set_bits(&mut lf.must, b0, m1.min(file_bits - 1));
-                }
-                set_bits(&mut lf.may, b0, b1.min(file_bits - 1));
+            if must_view > 0 {
+                lf.expect_bits(offset * 8, (offset + must_view) * 8 - 1, true);
             }
+            lf.expect_bits(offset * 8, (offset + view) * 8 - 1, false);
             self.reached.hit("log-attached-after-unlogged-writes");
             self.check_range(fi, offset, offset + view);
         }
@@ -995,18 +1009,17 @@ impl State<'_> {
                 .unwrap_or(0);
             let view = view_for(l.size, end);
             if view > l.view {
-                let (old_view, l) = (l.view, *l);
-                s.log.as_mut().expect("the log above").view = view;
+                let old_view = l.view;
+                l.view = view;
+                let l = *l;
                 self.reached.hit("log-view-widened");
                 if l.all_dirty {
                     // The new part of an all-dirty log's view is marked whole on widening.
-                    let lf = &mut self.files[l.file];
-                    let file_bits = lf.len * 8;
-                    let (b0, b1) = ((l.offset + old_view) * 8, (l.offset + view) * 8 - 1);
-                    if b0 < file_bits {
-                        set_bits(&mut lf.must, b0, b1.min(file_bits - 1));
-                        set_bits(&mut lf.may, b0, b1.min(file_bits - 1));
-                    }
+                    self.files[l.file].expect_bits(
+                        (l.offset + old_view) * 8,
+                        (l.offset + view) * 8 - 1,
+                        true,
+                    );
                     self.reached.hit("all-dirty-log-widened");
                 }
                 self.apply_carried();
@@ -1030,16 +1043,9 @@ impl State<'_> {
         let now = s.backend.log().stats().carried_ranges;
         s.stats.carried_ranges = now;
         let lf = &mut self.files[l.file];
-        let file_bits = lf.len * 8;
         for (set, is_must) in [(&must, true), (&may, false)] {
             for &(a, b) in set {
-                let (b0, b1) = (l.offset * 8 + a, l.offset * 8 + b);
-                if b0 < file_bits {
-                    if is_must {
-                        set_bits(&mut lf.must, b0, b1.min(file_bits - 1));
-                    }
-                    set_bits(&mut lf.may, b0, b1.min(file_bits - 1));
-                }
+                lf.expect_bits(l.offset * 8 + a, l.offset * 8 + b, is_must);
             }
         }
         if !must.is_empty() {
@@ -1166,14 +1172,7 @@ impl State<'_> {
                         }
                         if fp < pages {
                             let (b0, b1) = (l.offset * 8 + fp, l.offset * 8 + lp.min(pages - 1));
-                            // Bits past the end of the fd (an accepted log that ends inside its
-                            // last page) are invisible to a reader of the file.
-                            let file_bits = lf.len * 8;
-                            if b0 < file_bits {
-                                marked = true;
-                                set_bits(&mut lf.must, b0, b1.min(file_bits - 1));
-                                set_bits(&mut lf.may, b0, b1.min(file_bits - 1));
-                            }
+                            marked |= lf.expect_bits(b0, b1, true);
                         }
                     }
                     self.reached.hit("write-logged");
