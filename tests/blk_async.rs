@@ -107,9 +107,13 @@ impl Async {
             assert!(device.is_async(q));
         }
         let mut listener = Listener::new(&env.sock, true).unwrap();
+        let dev = device.clone();
         let thread = thread::spawn(move || {
             daemon.start(&mut listener).unwrap();
             let _ = daemon.wait();
+            // As the daemon does: the workers finish what is in the disk before they stop
+            // (held requests stay held: the teardown test drains them afterwards).
+            dev.wait_idle(Duration::from_millis(300));
         });
         Some(Async {
             env,
@@ -340,6 +344,84 @@ fn quiesce_tests_catch_a_device_that_does_not_wait() {
         assert!(r.is_err(), "the negative control went unnoticed");
         eprintln!("negative control caught: {}", r.unwrap_err());
     }
+}
+
+/// The frontend goes away (no `GET_VRING_BASE`, like a crashed VMM) while `N` reads are held in
+/// the disk. After the daemon and its worker threads are gone, the device's teardown drain,
+/// run from another thread (the io_uring's single issuer was the worker), completes every one:
+/// data in guest memory, pages marked in the log, every request in the used ring.
+fn teardown_completes_requests_left_in_the_disk(direct: bool) {
+    let Some(mut a) = Async::start(direct, 1) else {
+        return;
+    };
+    let mut vm = Vm::new(a.connect(), 1);
+    let log = vm.start_logging(RAM_SIZE);
+    vm.queues[0]
+        .run(
+            BlkOp::Read {
+                sector: 0,
+                data: &[(DATA_BASE + 0x100000, 4096)],
+            },
+            T,
+        )
+        .unwrap();
+    for i in 0..N {
+        vm.ram.fill(buf(i), 4096, FILL).unwrap();
+    }
+    a.device.hold_submissions_for_tests(0, true);
+    for i in 0..N {
+        vm.queues[0]
+            .submit(
+                BlkOp::Read {
+                    sector: sector(i),
+                    data: &[(buf(i), 4096)],
+                },
+                i as u64,
+            )
+            .unwrap();
+    }
+    vm.queues[0].kick().unwrap();
+    a.wait_in_flight(0, N);
+    // Disconnect; the daemon thread returns and drops the daemon, joining the worker.
+    drop(std::mem::replace(&mut vm.conn, a.connect_placeholder()));
+    a.thread.take().unwrap().join().unwrap();
+    assert_eq!(
+        a.device.in_flight(0),
+        N,
+        "held requests completed before the drain"
+    );
+    assert!((0..N).all(|i| vm.ram.read_vec(buf(i), 4096).unwrap() == [FILL; 4096]));
+
+    a.device.drain_in_flight();
+    assert_eq!(a.device.in_flight(0), 0);
+    let mut got = BTreeSet::new();
+    while let Some(c) = vm.queues[0].try_complete().unwrap() {
+        assert!(c.is_ok(), "{c:?}");
+        got.insert(c.token);
+    }
+    assert_eq!(got, (0..N as u64).collect::<BTreeSet<_>>());
+    let dirty: BTreeSet<u64> = set_pages(&log).collect();
+    for i in 0..N {
+        assert_eq!(
+            vm.ram.read_vec(buf(i), 4096).unwrap(),
+            image_bytes(sector(i) * 512, 4096),
+            "request {i}"
+        );
+        assert!(
+            dirty.contains(&(buf(i) >> 12)),
+            "page of request {i} not marked"
+        );
+    }
+}
+
+#[test]
+fn teardown_completes_requests_left_in_the_disk_buffered() {
+    teardown_completes_requests_left_in_the_disk(false);
+}
+
+#[test]
+fn teardown_completes_requests_left_in_the_disk_direct() {
+    teardown_completes_requests_left_in_the_disk(true);
 }
 
 /// `SET_VRING_ADDR` storms, `LOG_ALL` toggles, `SET_LOG_BASE` replacements and

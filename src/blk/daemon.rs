@@ -153,6 +153,12 @@ impl BlkServer {
             )) => log::info!("frontend disconnected"),
             Err(e) => log::warn!("connection ended: {e}"),
         }
+        // The workers finish the requests still in the disk (the frontend is gone, but the
+        // memory and rings are still mapped) before they are stopped: each queue's io_uring
+        // can only be completed by its worker.
+        if !device.wait_idle(std::time::Duration::from_secs(10)) {
+            log::warn!("requests still in the disk 10 s after the disconnect; stopping anyway");
+        }
         // Dropping the daemon signals the worker threads and joins them.
         drop(daemon);
         device.reclaim_exit_fds();

@@ -341,6 +341,26 @@ impl BlkDevice {
         }
     }
 
+    /// Waits up to `timeout` until no queue has a request in the disk; true if none is left.
+    ///
+    /// Call after the frontend disconnected and *before* dropping the `VhostUserDaemon`: the
+    /// worker threads are still alive then and complete their requests themselves (each
+    /// io_uring is entered only by its worker, see [`uring`]'s deferred task work); after they
+    /// exit, [`drain_in_flight`](Self::drain_in_flight) can only finish what was not yet in the
+    /// kernel.
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if (0..self.inner.queues.len()).all(|q| self.in_flight(q) == 0) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// Completes every request still in the disk (data, marks, status, used ring). For
     /// teardown, after the `VhostUserDaemon` was dropped (its workers joined); also done by
     /// [`reclaim_exit_fds`](Self::reclaim_exit_fds) and when the device is dropped.

@@ -25,14 +25,33 @@ impl Engine {
         for c in self.ring.completion() {
             self.cqes.push((c.user_data(), c.result()));
         }
+        self.submitted = self.submitted.saturating_sub(self.cqes.len());
+        if let Some(old) = &mut self.retired {
+            for c in old.completion() {
+                self.cqes.push((c.user_data(), c.result()));
+            }
+        }
         if self.cqes.is_empty() {
             return false;
         }
         let cqes = std::mem::take(&mut self.cqes);
         for &(ud, res) in &cqes {
             self.on_cqe(ud, res, ctx, qidx);
+            if self.publish_now {
+                // A device completion: the driver may be idle waiting for it. Hand it over
+                // now, not after the rest of the batch (EVENT_IDX still decides the signal).
+                self.publish_now = false;
+                self.publish(vring, qidx);
+                self.signal(vring, qidx);
+            }
         }
         self.cqes = cqes;
+        self.publish(vring, qidx);
+        true
+    }
+
+    /// Puts the finished requests in the used ring and releases them from the quiesce gate.
+    fn publish(&mut self, vring: &BlkVring, qidx: usize) {
         if !self.done.is_empty() {
             let mut state = vring.get_mut();
             for &(head, len) in &self.done {
@@ -45,7 +64,6 @@ impl Engine {
             self.done.clear();
             self.need_signal = true;
         }
-        true
     }
 
     fn on_cqe(&mut self, ud: u64, res: i32, ctx: &IoContext<'_>, qidx: usize) {
@@ -200,6 +218,10 @@ impl Engine {
             DataPath::DirectBounce => self.stats.direct_bounce += 1,
             _ => {}
         }
+        // Page-cache completions mostly arrive inside the submit call, in a stream the driver
+        // is busy with; one notification per batch serves them (a signal after every reap
+        // cost 5-9% of page-cache IOPS here).
+        self.publish_now = matches!(f.path, DataPath::DirectZeroCopy | DataPath::DirectBounce);
         let ok = match &f.err {
             None => true,
             Some(e) => {

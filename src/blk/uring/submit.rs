@@ -340,6 +340,7 @@ impl Engine {
                 break;
             }
         }
+        self.submitted += i;
         self.sqes.drain(..i);
     }
 }
