@@ -161,6 +161,35 @@ fn sector(i: usize) -> u64 {
     8 * i as u64 + 64
 }
 
+/// One request, so the queue's worker has run: its ring is bound (and, deferred, enabled).
+fn bind_ring(vm: &mut Vm) {
+    vm.queues[0]
+        .run(
+            BlkOp::Read {
+                sector: 0,
+                data: &[(DATA_BASE + 0x100000, 4096)],
+            },
+            T,
+        )
+        .unwrap();
+}
+
+/// Turns the hold on and submits reads `0..N` (not kicked).
+fn submit_held_reads(a: &Async, vm: &mut Vm) {
+    a.device.hold_submissions_for_tests(0, true);
+    for i in 0..N {
+        vm.queues[0]
+            .submit(
+                BlkOp::Read {
+                    sector: sector(i),
+                    data: &[(buf(i), 4096)],
+                },
+                i as u64,
+            )
+            .unwrap();
+    }
+}
+
 /// Holds `N` reads and one write in the disk, sends the quiescing message `stop` from another
 /// thread, checks it does not return while they are held and that no data landed, releases
 /// them, and checks that after the reply everything is complete, marked, and that no guest
@@ -175,15 +204,7 @@ fn quiesce_with_requests_in_the_disk(
     let mut vm = Vm::new(a.connect(), 1);
     let log = vm.start_logging(RAM_SIZE);
     // One request first so the queue's ring is bound (for the negative-control hook).
-    vm.queues[0]
-        .run(
-            BlkOp::Read {
-                sector: 0,
-                data: &[(DATA_BASE + 0x100000, 4096)],
-            },
-            T,
-        )
-        .unwrap();
+    bind_ring(&mut vm);
     if negative {
         assert!(a.device.skip_quiesce_for_tests(0, true));
     }
@@ -193,18 +214,7 @@ fn quiesce_with_requests_in_the_disk(
     let wdata = vec![0x5au8; 4096];
     vm.ram.write(DATA_BASE + 0x80000, &wdata).unwrap();
 
-    a.device.hold_submissions_for_tests(0, true);
-    for i in 0..N {
-        vm.queues[0]
-            .submit(
-                BlkOp::Read {
-                    sector: sector(i),
-                    data: &[(buf(i), 4096)],
-                },
-                i as u64,
-            )
-            .unwrap();
-    }
+    submit_held_reads(&a, &mut vm);
     vm.queues[0]
         .submit(
             BlkOp::Write {
@@ -356,30 +366,11 @@ fn teardown_completes_requests_left_in_the_disk(direct: bool) {
     };
     let mut vm = Vm::new(a.connect(), 1);
     let log = vm.start_logging(RAM_SIZE);
-    vm.queues[0]
-        .run(
-            BlkOp::Read {
-                sector: 0,
-                data: &[(DATA_BASE + 0x100000, 4096)],
-            },
-            T,
-        )
-        .unwrap();
+    bind_ring(&mut vm);
     for i in 0..N {
         vm.ram.fill(buf(i), 4096, FILL).unwrap();
     }
-    a.device.hold_submissions_for_tests(0, true);
-    for i in 0..N {
-        vm.queues[0]
-            .submit(
-                BlkOp::Read {
-                    sector: sector(i),
-                    data: &[(buf(i), 4096)],
-                },
-                i as u64,
-            )
-            .unwrap();
-    }
+    submit_held_reads(&a, &mut vm);
     vm.queues[0].kick().unwrap();
     a.wait_in_flight(0, N);
     // Disconnect; the daemon thread returns and drops the daemon, joining the worker.

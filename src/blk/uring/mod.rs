@@ -18,14 +18,17 @@
 //! IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG`: a device completion does not
 //! interrupt the worker with task work (which on a sleeping worker costs an `epoll_wait`
 //! that returns `EINTR`, the task work, and a second `epoll_wait`); it signals the eventfd once
-//! and waits until the worker's next `io_uring_enter(GETEVENTS)` posts every pending CQE in one
-//! go. On this project's reference VM that cut the time from a burst of device completions to
-//! the first re-submitted request from ~110 to ~55-95 µs (`contrib/bench/blk-vs-qsd.sh`
-//! numbers in README). The ring is created disabled (`IORING_SETUP_R_DISABLED`) and enabled by
-//! the worker thread on its first run, which makes that thread its single issuer. Teardown
-//! ([`Engine::drain`]) runs on another thread after the worker exited: the kernel has by then
-//! waited for the worker's requests and posted their CQEs; anything still to submit goes
-//! through a fresh ordinary ring. Older kernels get an ordinary ring (the setup flags are
+//! and waits until the worker's next `io_uring_enter(GETEVENTS)` posts the pending CQEs. With
+//! the per-completion notification above, on this project's reference VM that cut the time
+//! from a burst of device completions to the first re-submitted request from ~110 to
+//! ~55-95 µs (perf traces; the throughput comparison is in README). The ring is created disabled (`IORING_SETUP_R_DISABLED`) and enabled by
+//! the worker thread on its first run, which makes that thread its single issuer. The price is
+//! at teardown: only that thread can run the deferred completions, so a request still in the
+//! disk when the worker exits never gets its CQE. The daemon therefore waits for the workers to
+//! finish (`BlkDevice::wait_idle`) before stopping them; the teardown drain, on another thread,
+//! submits what never reached the kernel (held SQEs, follow-up steps) through a fresh ordinary
+//! ring and abandons what is left in the old one, leaking its buffers rather than freeing memory
+//! the kernel may still write. Older kernels get an ordinary ring (the setup flags are
 //! rejected with `EINVAL`) and the same loop.
 //!
 //! ## Data and marks (DESIGN invariant 2: data before mark)
