@@ -323,6 +323,21 @@ impl BlkDevice {
         }
     }
 
+    /// Test hook (negative control): the teardown drain of queue `index`, run on a thread
+    /// other than the queue's worker, no longer moves what is left to submit to a fresh ring,
+    /// so requests held when the worker exited are abandoned (see [`uring`]). Returns whether
+    /// the queue's ring uses deferred task work (without it the drain needs no fresh ring and
+    /// the hook changes nothing).
+    #[cfg(feature = "test-utils")]
+    pub fn skip_teardown_ring_for_tests(&self, index: usize, on: bool) -> bool {
+        let Some(Some(e)) = self.inner.queues.get(index).map(|q| q.engine.as_ref()) else {
+            return false;
+        };
+        e.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_fresh_ring_at_teardown(!on)
+    }
+
     /// Test hook (negative control): `GET_VRING_BASE` and `SET_VRING_ENABLE(0)` on queue
     /// `index` stop waiting for its requests in the disk. Takes effect once the queue has run
     /// (its ring is bound); returns whether it did.

@@ -177,6 +177,9 @@ pub(crate) struct Engine {
     submitted: usize,
     /// A request that went to the device just completed: publish it and notify now.
     publish_now: bool,
+    /// Teardown on a foreign thread moves what is left to submit to a fresh ring (off only as
+    /// a test's negative control).
+    fresh_ring_at_teardown: bool,
     vring: Option<BlkVring>,
     cqes: Vec<(u64, i32)>,
     done: Vec<(u16, u32)>,
@@ -227,6 +230,7 @@ impl Engine {
             retired: None,
             submitted: 0,
             publish_now: false,
+            fresh_ring_at_teardown: true,
             vring: None,
             cqes: Vec::with_capacity(2 * n),
             done: Vec::with_capacity(n),
@@ -238,6 +242,13 @@ impl Engine {
     /// The eventfd the ring signals on every completion.
     pub(crate) fn event(&self) -> &EventFd {
         &self.event
+    }
+
+    /// Test hook (negative control): see [`super::BlkDevice::skip_teardown_ring_for_tests`].
+    #[cfg(feature = "test-utils")]
+    pub(crate) fn set_fresh_ring_at_teardown(&mut self, on: bool) -> bool {
+        self.fresh_ring_at_teardown = on;
+        self.deferred
     }
 
     /// Requests popped and not yet completed.
@@ -310,7 +321,7 @@ impl Engine {
             return;
         }
         let foreign = self.deferred && self.owner.is_some_and(|t| t != std::thread::current().id());
-        if foreign {
+        if foreign && self.fresh_ring_at_teardown {
             // Only the worker may enter the deferred ring, and it is gone. CQEs it posted are
             // in the mapped CQ, which any thread can reap; what is left to submit (held SQEs,
             // follow-up steps) goes to an ordinary ring this thread owns.
