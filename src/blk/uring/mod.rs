@@ -359,8 +359,8 @@ impl Engine {
 
     /// Gives up on the requests still in flight at teardown (see [`Engine::drain`]) without
     /// ever freeing what the kernel may still write: their slots (with the guest-memory
-    /// snapshot and the bounce buffers their transfers point into) are leaked, not dropped. The frontend
-    /// is gone by then; the daemon avoids this by waiting for its workers first
+    /// snapshot and the bounce buffers their transfers point into) are leaked, not dropped.
+    /// The frontend is gone by then; the daemon avoids this by waiting for its workers first
     /// ([`super::BlkDevice::wait_idle`]).
     fn abandon(&mut self, qidx: usize) {
         let n = self.in_flight();
