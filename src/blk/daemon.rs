@@ -154,10 +154,19 @@ impl BlkServer {
             Err(e) => log::warn!("connection ended: {e}"),
         }
         // The workers finish the requests still in the disk (the frontend is gone, but the
-        // memory and rings are still mapped) before they are stopped: each queue's io_uring
-        // can only be completed by its worker.
-        if !device.wait_idle(std::time::Duration::from_secs(10)) {
-            log::warn!("requests still in the disk 10 s after the disconnect; stopping anyway");
+        // memory, rings and log are still mapped) before they are stopped: each queue's
+        // io_uring can only be completed by its worker, and a request given up on could land
+        // in guest memory unmarked later. As QEMU's drain, this waits as long as the disk takes.
+        let in_disk: u64 = (0..usize::from(self.config.num_queues))
+            .filter_map(|q| device.queue_in_flight(q))
+            .sum();
+        if in_disk > 0 {
+            log::info!("waiting for {in_disk} request(s) still in the disk");
+            let mut waited = 0;
+            while !device.wait_idle(std::time::Duration::from_secs(5)) {
+                waited += 5;
+                log::warn!("requests still in the disk {waited} s after the disconnect");
+            }
         }
         // Dropping the daemon signals the worker threads and joins them.
         drop(daemon);

@@ -87,6 +87,9 @@ struct Queue {
     engine: Option<Mutex<Engine>>,
     /// Test hook: keep this queue's SQEs back (requests stay in the disk).
     hold: Arc<AtomicBool>,
+    /// Test hook: a slow disk (see [`BlkDevice::delay_submissions_for_tests`]).
+    #[cfg_attr(not(feature = "test-utils"), allow(dead_code))]
+    delay_ms: Arc<AtomicU64>,
     /// A duplicate of the engine's completion eventfd, to wake the worker.
     wake: Option<EventFd>,
     /// Requests the synchronous path took from the avail ring and has not put in the used
@@ -149,8 +152,9 @@ impl BlkDevice {
         };
         for q in 0..config.num_queues {
             let hold = Arc::new(AtomicBool::new(false));
+            let delay_ms = Arc::new(AtomicU64::new(0));
             let engine = if want_uring {
-                match Engine::new(config.queue_size, hold.clone()) {
+                match Engine::new(config.queue_size, hold.clone(), delay_ms.clone()) {
                     Ok(e) => Some(e),
                     Err(e) if config.aio == AioMode::IoUring => {
                         return Err(ConfigError::Aio(format!(
@@ -172,6 +176,7 @@ impl BlkDevice {
                 stats: Mutex::new(QueueStats::default()),
                 engine: engine.map(Mutex::new),
                 hold,
+                delay_ms,
                 wake,
                 sync_in_flight: AtomicU64::new(0),
             });
@@ -323,6 +328,17 @@ impl BlkDevice {
         }
     }
 
+    /// Test hook: every request of queue `index` submitted from now on waits `delay` in the
+    /// kernel (a linked `IORING_OP_TIMEOUT`) before it starts, like a slow disk: the request is
+    /// in the io_uring, not held back in the device. `Duration::ZERO` turns it off.
+    #[cfg(feature = "test-utils")]
+    pub fn delay_submissions_for_tests(&self, index: usize, delay: std::time::Duration) {
+        if let Some(q) = self.inner.queues.get(index) {
+            let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            q.delay_ms.store(ms, Ordering::SeqCst);
+        }
+    }
+
     /// Test hook (negative control): the teardown drain of queue `index`, run on a thread
     /// other than the queue's worker, no longer moves what is left to submit to a fresh ring,
     /// so requests held when the worker exited are abandoned (see [`uring`]). Returns whether
@@ -362,7 +378,8 @@ impl BlkDevice {
     /// worker threads are still alive then and complete their requests themselves (each
     /// io_uring is entered only by its worker, see [`uring`]'s deferred task work); after they
     /// exit, [`drain_in_flight`](Self::drain_in_flight) can only finish what was not yet in the
-    /// kernel.
+    /// kernel and abandons the rest. `vhost-dirtylog-blk` waits without a limit (logging every
+    /// 5 s), as QEMU's drain does.
     pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         loop {

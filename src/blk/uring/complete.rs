@@ -67,6 +67,9 @@ impl Engine {
     }
 
     fn on_cqe(&mut self, ud: u64, res: i32, ctx: &IoContext<'_>, qidx: usize) {
+        if ud == super::submit::DELAY_USER_DATA {
+            return;
+        }
         let slot = (ud & 0xffff_ffff) as usize;
         let sub = (ud >> 32) as usize;
         let Some(f) = self.slots.get_mut(slot).and_then(|s| s.as_deref_mut()) else {

@@ -5,7 +5,8 @@
 //! an io_uring whose completion eventfd is registered in the worker's epoll set as a device
 //! event ([`super::BlkDevice::attach`]). A kick or a completion event runs `Engine::run`:
 //! reap completions, pop new chains and turn them into SQEs, submit, and repeat until nothing
-//! moves; then notify the driver once (EVENT_IDX suppression through `needs_notification`).
+//! moves; then notify the driver (EVENT_IDX suppression through `needs_notification`): once
+//! per run for page-cache completions, as each is reaped for device ones (below).
 //! `O_DIRECT` requests are submitted one by one as they are popped (the device starts each at
 //! once); buffered ones once per batch (they mostly complete inside the submit call).
 //! Completion order is free (virtio 1.2 §5.2.6: the device may complete requests in any order).
@@ -70,11 +71,11 @@ mod submit;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::ThreadId;
 
-use io_uring::{squeue, IoUring};
+use io_uring::{squeue, types, IoUring};
 use vhost_user_backend::VringT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -167,6 +168,10 @@ pub(crate) struct Engine {
     sqes: Vec<squeue::Entry>,
     /// Test hook: while set, SQEs are kept back (the requests stay "in the disk").
     hold: Arc<AtomicBool>,
+    /// Test hook: milliseconds each SQE waits in the kernel (a linked `IORING_OP_TIMEOUT`)
+    /// before it starts, a slow disk on demand; 0: off.
+    delay_ms: Arc<AtomicU64>,
+    delay_ts: Box<types::Timespec>,
     /// `DEFER_TASKRUN` ring (see the module docs), and the thread that enabled it (its only
     /// submitter); `None` until the first run.
     deferred: bool,
@@ -198,7 +203,11 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// A ring for a queue of up to `queue_size` requests; completions signal `event_fd()`.
-    pub(crate) fn new(queue_size: u16, hold: Arc<AtomicBool>) -> io::Result<Engine> {
+    pub(crate) fn new(
+        queue_size: u16,
+        hold: Arc<AtomicBool>,
+        delay_ms: Arc<AtomicU64>,
+    ) -> io::Result<Engine> {
         let entries = u32::from(queue_size).next_power_of_two().max(8);
         let (ring, deferred) = match IoUring::builder()
             .setup_single_issuer()
@@ -225,6 +234,8 @@ impl Engine {
             free: (0..n).rev().collect(),
             sqes: Vec::with_capacity(n),
             hold,
+            delay_ms,
+            delay_ts: Box::new(types::Timespec::new()),
             deferred,
             owner: None,
             retired: None,

@@ -27,6 +27,9 @@ use crate::virtio_blk::ID_BYTES;
 /// Most iovecs in one `READV`/`WRITEV` (`IOV_MAX`).
 const MAX_IOV: usize = 1024;
 
+/// `user_data` of the test hook's delay timeouts (no request slot has it).
+pub(super) const DELAY_USER_DATA: u64 = u64::MAX;
+
 impl Engine {
     /// Pops and starts new requests while the ring is ready, enabled and slots are free.
     pub(super) fn pop(
@@ -303,16 +306,40 @@ impl Engine {
         if self.sqes.is_empty() || self.hold.load(Ordering::Relaxed) {
             return;
         }
+        let delay = self.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            *self.delay_ts = types::Timespec::new()
+                .sec(delay / 1000)
+                .nsec((delay % 1000) as u32 * 1_000_000);
+        }
         let mut i = 0;
+        let mut delays = 0;
         loop {
             {
                 let mut sq = self.ring.submission();
                 while i < self.sqes.len() {
+                    if delay > 0 {
+                        // Test hook: a timeout linked before the SQE holds it in the kernel.
+                        if sq.capacity() - sq.len() < 2 {
+                            break;
+                        }
+                        let t = opcode::Timeout::new(&*self.delay_ts)
+                            .flags(types::TimeoutFlags::ETIME_SUCCESS)
+                            .build()
+                            .flags(squeue::Flags::IO_LINK)
+                            .user_data(DELAY_USER_DATA);
+                        // SAFETY: the timespec is boxed in the engine, which outlives the ring's
+                        // use of it (the kernel copies it when the SQE is submitted).
+                        if unsafe { sq.push(&t) }.is_err() {
+                            break;
+                        }
+                        delays += 1;
+                    }
                     // The buffers an SQE points to (guest mappings kept alive by the request's
                     // `mem` snapshot, bounce buffers and iovecs owned by its boxed slot) stay
                     // valid and unmoved until its CQE is reaped: slots are freed only in `on_cqe`
-                    // after the request's last CQE, and `drain` waits for all of them before
-                    // the engine is dropped.
+                    // after the request's last CQE; `drain` waits for all of them before the
+                    // engine is dropped, or abandons them with their slots leaked, never freed.
                     let sqe = &self.sqes[i];
                     // SAFETY: see above: every buffer `sqe` references outlives its completion.
                     let pushed = unsafe { sq.push(sqe) };
@@ -340,7 +367,7 @@ impl Engine {
                 break;
             }
         }
-        self.submitted += i;
+        self.submitted += i + delays;
         self.sqes.drain(..i);
     }
 }
