@@ -55,7 +55,14 @@ pub fn io_uring_available() -> Result<(), String> {
         .get_or_init(|| {
             let r = probe();
             match &r {
-                Ok(()) => log::info!("dataplane: io_uring"),
+                Ok(()) => log::info!(
+                    "dataplane: io_uring{}",
+                    if defer_taskrun_available() {
+                        " (deferred task work)"
+                    } else {
+                        " (no deferred task work: kernel older than 6.1)"
+                    }
+                ),
                 Err(e) => log::warn!(
                     "io_uring is not available ({e}); serving requests synchronously \
                      (preadv/pwritev, one at a time per queue)"
@@ -64,6 +71,18 @@ pub fn io_uring_available() -> Result<(), String> {
             r
         })
         .clone()
+}
+
+/// Whether rings can be set up the way the engine wants them (`SINGLE_ISSUER | DEFER_TASKRUN`,
+/// Linux 6.1+); the engine falls back to an ordinary ring otherwise.
+fn defer_taskrun_available() -> bool {
+    IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_r_disabled()
+        .build(8)
+        .is_ok()
 }
 
 fn probe() -> Result<(), String> {
