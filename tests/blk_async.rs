@@ -186,6 +186,11 @@ fn bind_ring(vm: &mut Vm) {
 /// Turns the hold on and submits reads `0..N` (not kicked).
 fn submit_held_reads(a: &Async, vm: &mut Vm) {
     a.device.hold_submissions_for_tests(0, true);
+    submit_reads(vm);
+}
+
+/// Submits reads `0..N` (not kicked).
+fn submit_reads(vm: &mut Vm) {
     for i in 0..N {
         vm.queues[0]
             .submit(
@@ -365,6 +370,22 @@ fn quiesce_tests_catch_a_device_that_does_not_wait() {
     }
 }
 
+/// After reads `0..N`: the tokens in the used ring (harvested now, none may have failed), and how
+/// many of the reads' data landed in guest memory and have their page marked in `log`.
+fn outcome_of_reads(vm: &mut Vm, log: &SharedLog) -> (BTreeSet<u64>, usize, usize) {
+    let mut got = BTreeSet::new();
+    while let Some(c) = vm.queues[0].try_complete().unwrap() {
+        assert!(c.is_ok(), "{c:?}");
+        got.insert(c.token);
+    }
+    let dirty: BTreeSet<u64> = set_pages(log).collect();
+    let landed = (0..N)
+        .filter(|&i| vm.ram.read_vec(buf(i), 4096).unwrap() == image_bytes(sector(i) * 512, 4096))
+        .count();
+    let marked = (0..N).filter(|&i| dirty.contains(&(buf(i) >> 12))).count();
+    (got, landed, marked)
+}
+
 /// The frontend goes away (no `GET_VRING_BASE`, like a crashed VMM) while `N` reads are held in
 /// the disk. After the daemon and its worker threads are gone, the device's teardown drain,
 /// run from another thread (the io_uring's single issuer was the worker), completes every one:
@@ -400,16 +421,7 @@ fn teardown_completes_held_requests(direct: bool, negative: bool) -> Option<Resu
     a.device.drain_in_flight();
     // Never left "in flight": completed, or (negative control) abandoned.
     assert_eq!(a.device.in_flight(0), 0);
-    let mut got = BTreeSet::new();
-    while let Some(c) = vm.queues[0].try_complete().unwrap() {
-        assert!(c.is_ok(), "{c:?}");
-        got.insert(c.token);
-    }
-    let dirty: BTreeSet<u64> = set_pages(&log).collect();
-    let landed = (0..N)
-        .filter(|&i| vm.ram.read_vec(buf(i), 4096).unwrap() == image_bytes(sector(i) * 512, 4096))
-        .count();
-    let marked = (0..N).filter(|&i| dirty.contains(&(buf(i) >> 12))).count();
+    let (got, landed, marked) = outcome_of_reads(&mut vm, &log);
     if got.len() != N || landed != N || marked != N {
         let why = format!(
             "{} of {N} completed, {landed} landed, {marked} marked",
@@ -473,33 +485,14 @@ fn disconnect_completes_requests_in_the_kernel(negative: bool) -> Option<Result<
     }
     a.device
         .delay_submissions_for_tests(0, Duration::from_millis(200));
-    for i in 0..N {
-        vm.queues[0]
-            .submit(
-                BlkOp::Read {
-                    sector: sector(i),
-                    data: &[(buf(i), 4096)],
-                },
-                i as u64,
-            )
-            .unwrap();
-    }
+    submit_reads(&mut vm);
     vm.queues[0].kick().unwrap();
     a.wait_in_flight(0, N);
     drop(std::mem::replace(&mut vm.conn, a.connect_placeholder()));
     a.thread.take().unwrap().join().unwrap();
     let left = a.device.in_flight(0);
     a.device.drain_in_flight();
-    let mut got = BTreeSet::new();
-    while let Some(c) = vm.queues[0].try_complete().unwrap() {
-        assert!(c.is_ok(), "{c:?}");
-        got.insert(c.token);
-    }
-    let dirty: BTreeSet<u64> = set_pages(&log).collect();
-    let landed = (0..N)
-        .filter(|&i| vm.ram.read_vec(buf(i), 4096).unwrap() == image_bytes(sector(i) * 512, 4096))
-        .count();
-    let marked = (0..N).filter(|&i| dirty.contains(&(buf(i) >> 12))).count();
+    let (got, landed, marked) = outcome_of_reads(&mut vm, &log);
     let why = format!(
         "{left} left when the workers stopped; {} of {N} completed, {landed} landed, {marked} marked",
         got.len()
