@@ -157,8 +157,9 @@ impl BlkServer {
         // memory, rings and log are still mapped) before they are stopped: each queue's
         // io_uring can only be completed by its worker, and a request given up on could land
         // in guest memory unmarked later. As QEMU's drain, this waits as long as the disk takes.
-        let in_disk: u64 = (0..usize::from(self.config.num_queues))
-            .filter_map(|q| device.queue_in_flight(q))
+        // (What `wait_idle` waits for: requests in the io_uring engines.)
+        let in_disk: usize = (0..usize::from(self.config.num_queues))
+            .map(|q| device.in_flight(q))
             .sum();
         if in_disk > 0 {
             log::info!("waiting for {in_disk} request(s) still in the disk");

@@ -73,16 +73,22 @@ pub fn io_uring_available() -> Result<(), String> {
         .clone()
 }
 
-/// Whether rings can be set up the way the engine wants them (`SINGLE_ISSUER | DEFER_TASKRUN`,
-/// Linux 6.1+); the engine falls back to an ordinary ring otherwise.
+/// Whether rings can be set up the way the engine wants them ([`deferred_ring`]); the engine
+/// falls back to an ordinary ring otherwise.
 fn defer_taskrun_available() -> bool {
-    IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+    deferred_ring(8).is_ok()
+}
+
+/// A ring of `entries` with deferred task work and a single issuer, created disabled (see the
+/// module docs of [`super`]): `SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG | R_DISABLED`.
+/// Before Linux 6.1 the flags are rejected with `EINVAL`.
+pub(super) fn deferred_ring(entries: u32) -> std::io::Result<IoUring> {
+    IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
         .setup_taskrun_flag()
         .setup_r_disabled()
-        .build(8)
-        .is_ok()
+        .build(entries)
 }
 
 fn probe() -> Result<(), String> {

@@ -21,9 +21,10 @@
 //! that returns `EINTR`, the task work, and a second `epoll_wait`); it signals the eventfd once
 //! and waits until the worker's next `io_uring_enter(GETEVENTS)` posts the pending CQEs. With
 //! the per-completion notification above, on this project's reference VM that cut the time
-//! from a burst of device completions to the first re-submitted request from ~110 to
-//! ~55-95 µs (perf traces; the throughput comparison is in README). The ring is created disabled (`IORING_SETUP_R_DISABLED`) and enabled by
-//! the worker thread on its first run, which makes that thread its single issuer. The price is
+//! from a burst of device completions to the first re-submitted request from a median of
+//! 112 µs to 94 µs (perf traces; qemu-storage-daemon: 109 µs; throughput in README). The ring
+//! is created disabled (`IORING_SETUP_R_DISABLED`) and enabled by the worker thread on its
+//! first run, which makes that thread its single issuer. The price is
 //! at teardown: only that thread can run the deferred completions, so a request still in the
 //! disk when the worker exits never gets its CQE. The daemon therefore waits for the workers to
 //! finish (`BlkDevice::wait_idle`) before stopping them; the teardown drain, on another thread,
@@ -209,13 +210,7 @@ impl Engine {
         delay_ms: Arc<AtomicU64>,
     ) -> io::Result<Engine> {
         let entries = u32::from(queue_size).next_power_of_two().max(8);
-        let (ring, deferred) = match IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_taskrun_flag()
-            .setup_r_disabled()
-            .build(entries)
-        {
+        let (ring, deferred) = match aio::deferred_ring(entries) {
             Ok(r) => (r, true),
             // Before Linux 6.1 (DEFER_TASKRUN) the flags are rejected with EINVAL.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -345,14 +340,16 @@ impl Engine {
                 Err(e) => log::error!("queue {qidx}: cannot set up a ring for teardown: {e}"),
             }
         }
+        // Still the exited worker's deferred ring (no fresh one): this thread may not enter it.
+        let may_enter = !(foreign && self.deferred);
         while self.in_flight() > 0 {
-            if !self.deferred || !foreign {
+            if may_enter {
                 self.submit(qidx);
             }
             if self.reap(&vring, ctx, qidx) {
                 continue;
             }
-            if self.submitted > 0 && !(self.deferred && foreign) {
+            if self.submitted > 0 && may_enter {
                 if let Err(e) = self.ring.submit_and_wait(1) {
                     if e.raw_os_error() != Some(libc::EINTR) {
                         log::error!("queue {qidx}: cannot wait for completions: {e}");
